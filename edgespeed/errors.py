@@ -1,0 +1,141 @@
+"""The one exception tree of EdgeSpeed.
+
+Every error EdgeSpeed raises derives from `EdgeSpeedError`; foreign exceptions
+(paho, ssl, msgpack, zstandard, OS errors) are translated where they enter our
+code, with the original kept as ``__cause__``::
+
+    EdgeSpeedError
+    ├── ConfigError                 invalid configuration or argument
+    ├── MissingDependencyError      an optional extra is not installed
+    ├── ProtocolError               bytes or names that break the wire format
+    │   ├── TopicError              bad id, topic injection, unknown topic
+    │   ├── DecodeError             truncated, unknown version/kind, garbage
+    │   ├── PayloadTooLargeError    over a configured size limit
+    │   ├── TensorError             dtype, shape or length inconsistent
+    │   └── BlobError               chunk or whole-blob hash mismatch, bad offset
+    ├── TransportError              talking to the broker failed
+    │   ├── ConnectError            refused: TLS, credentials, protocol
+    │   ├── NotConnectedError       no connection within the allowed time
+    │   ├── TransportTimeoutError   an acknowledgement did not come in time
+    │   ├── PublishRefusedError     the broker refused a publish
+    │   └── TransportClosedError    the transport was closed or never opened
+    └── BrokerError                 the embedded broker failed to start or run
+
+Errors carry their context as attributes (``reason``, ``topic``, ...) so
+callers can act on them without parsing messages.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BlobError",
+    "BrokerError",
+    "ConfigError",
+    "ConnectError",
+    "DecodeError",
+    "EdgeSpeedError",
+    "MissingDependencyError",
+    "NotConnectedError",
+    "PayloadTooLargeError",
+    "ProtocolError",
+    "PublishRefusedError",
+    "TensorError",
+    "TopicError",
+    "TransportClosedError",
+    "TransportError",
+    "TransportTimeoutError",
+]
+
+
+class EdgeSpeedError(Exception):
+    """Root of every error EdgeSpeed raises."""
+
+
+class ConfigError(EdgeSpeedError, ValueError):
+    """A configuration value or argument is invalid."""
+
+
+class MissingDependencyError(EdgeSpeedError, ImportError):
+    """An optional dependency is missing; ``extra`` names what to install."""
+
+    def __init__(self, package: str, extra: str) -> None:
+        self.package = package
+        self.extra = extra
+        super().__init__(
+            f"{package} is not installed; install it with: pip install 'edgespeed[{extra}]'"
+        )
+
+
+class ProtocolError(EdgeSpeedError, ValueError):
+    """Input violates the EdgeSpeed wire format. ``reason`` is a short code."""
+
+    def __init__(self, message: str, *, reason: str = "invalid") -> None:
+        self.reason = reason
+        super().__init__(message)
+
+
+class TopicError(ProtocolError):
+    """An id or topic is malformed or could inject MQTT wildcards."""
+
+
+class DecodeError(ProtocolError):
+    """Bytes could not be decoded: truncated, unknown version or kind, garbage."""
+
+
+class PayloadTooLargeError(ProtocolError):
+    """A payload is larger than the configured limit; refused before allocation."""
+
+    def __init__(self, size: int, limit: int, *, what: str = "payload") -> None:
+        self.size = size
+        self.limit = limit
+        super().__init__(f"{what} of {size} bytes exceeds the limit of {limit} bytes", reason="too_large")
+
+
+class TensorError(ProtocolError):
+    """A tensor's dtype, shape and byte length do not agree."""
+
+
+class BlobError(ProtocolError):
+    """A chunk or a whole blob failed verification, or an offset is out of range."""
+
+
+class TransportError(EdgeSpeedError):
+    """Talking to the broker failed."""
+
+
+class ConnectError(TransportError):
+    """The broker refused the connection or the TLS handshake failed.
+
+    ``retryable`` is true for failures that may pass (broker unreachable,
+    connection dropped), false for final ones (TLS verification, not authorized).
+    """
+
+    def __init__(self, message: str, *, retryable: bool = False) -> None:
+        self.retryable = retryable
+        super().__init__(message)
+
+
+class NotConnectedError(TransportError):
+    """No connection to the broker could be had within the allowed time."""
+
+
+class TransportTimeoutError(TransportError, TimeoutError):
+    """An acknowledgement or a message did not arrive in time."""
+
+
+class PublishRefusedError(TransportError):
+    """The broker acknowledged a publish with a failure reason code."""
+
+    def __init__(self, topic: str, reason_code: int, reason: str) -> None:
+        self.topic = topic
+        self.reason_code = reason_code
+        self.reason = reason
+        super().__init__(f"broker refused publish to {topic!r}: {reason} (0x{reason_code:02x})")
+
+
+class TransportClosedError(TransportError):
+    """The transport is closed, or was used outside its context."""
+
+
+class BrokerError(EdgeSpeedError):
+    """The embedded broker could not be started or stopped."""

@@ -1,0 +1,307 @@
+"""Message types of the wire protocol, as frozen dataclasses.
+
+Each type has a one-byte kind (`MessageKind`) that the envelope carries. The
+body codec (`edgespeed.protocol._body`) turns them into msgpack maps and back;
+every ``__post_init__`` check below therefore also guards decoding.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from edgespeed.errors import BlobError, DecodeError, ProtocolError
+from edgespeed.protocol.topics import validate_id
+
+__all__ = [
+    "BLOB_ID_PATTERN",
+    "Birth",
+    "Chunk",
+    "ChunkRequest",
+    "CoordinatorState",
+    "Death",
+    "DeviceCard",
+    "Error",
+    "Heartbeat",
+    "Message",
+    "MessageKind",
+    "ModelManifest",
+    "Result",
+    "BlobInfo",
+    "Task",
+    "kind_of",
+    "message_class",
+    "validate_blob_id",
+]
+
+BLOB_ID_PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
+_U32 = 2**32 - 1
+_U64 = 2**64 - 1
+
+
+def validate_blob_id(value: str) -> str:
+    """Return ``value`` if it is a safe blob or shard name (no ``/``, no leading dot).
+
+    Raises:
+        BlobError: the name could escape a folder or is not a plain file name.
+    """
+    if not isinstance(value, str) or BLOB_ID_PATTERN.fullmatch(value) is None or ".." in value:
+        raise BlobError(f"invalid blob name {value!r}", reason="bad_blob_id")
+    return value
+
+
+def _check_range(name: str, value: int, low: int, high: int) -> None:
+    if not low <= value <= high:
+        raise DecodeError(f"{name}={value} out of range [{low}, {high}]", reason="bad_body")
+
+
+def _check_digest(name: str, value: bytes) -> None:
+    if len(value) != 32:
+        raise DecodeError(f"{name} must be a 32-byte SHA-256 digest", reason="bad_body")
+
+
+class MessageKind(enum.IntEnum):
+    """One byte in the envelope saying what the body is. Never renumber."""
+
+    BIRTH = 1
+    DEATH = 2
+    HEARTBEAT = 3
+    COORDINATOR_STATE = 4
+    MODEL_MANIFEST = 5
+    CHUNK_REQUEST = 6
+    CHUNK = 7
+    TASK = 8
+    RESULT = 9
+    ERROR = 10
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceCard:
+    """What a device is and can do, as announced in its birth."""
+
+    device_id: str
+    arch: str
+    os: str
+    software_version: str
+    cpu_cores: int
+    memory_bytes: int
+    backends: tuple[str, ...] = ()
+    accelerators: tuple[str, ...] = ()
+    extra: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        validate_id(self.device_id, "device id")
+        _check_range("cpu_cores", self.cpu_cores, 0, 1 << 16)
+        _check_range("memory_bytes", self.memory_bytes, 0, _U64)
+
+
+@dataclass(frozen=True, slots=True)
+class Birth:
+    """A device joined (retained). ``epoch`` identifies this session of the device."""
+
+    card: DeviceCard
+    epoch: int
+
+    def __post_init__(self) -> None:
+        _check_range("epoch", self.epoch, 0, _U64)
+
+
+@dataclass(frozen=True, slots=True)
+class Death:
+    """A device left; sent as its MQTT will too. Stale if ``epoch`` < the last birth's."""
+
+    epoch: int
+    reason: str = "lost"
+
+    def __post_init__(self) -> None:
+        _check_range("epoch", self.epoch, 0, _U64)
+
+
+@dataclass(frozen=True, slots=True)
+class Heartbeat:
+    """Periodic liveness and load report of a device."""
+
+    epoch: int
+    load: float
+    queue_depth: int
+    models: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        _check_range("epoch", self.epoch, 0, _U64)
+        _check_range("queue_depth", self.queue_depth, 0, _U32)
+        if not 0.0 <= self.load <= 1e6:  # also refuses NaN
+            raise DecodeError(f"load={self.load} out of range", reason="bad_body")
+
+
+@dataclass(frozen=True, slots=True)
+class CoordinatorState:
+    """The coordinator's retained presence."""
+
+    online: bool
+    epoch: int
+
+    def __post_init__(self) -> None:
+        _check_range("epoch", self.epoch, 0, _U64)
+
+
+@dataclass(frozen=True, slots=True)
+class BlobInfo:
+    """A blob (a model shard, any large payload): name, exact size, SHA-256 and chunk size."""
+
+    name: str
+    size: int
+    sha256: bytes
+    chunk_size: int
+
+    def __post_init__(self) -> None:
+        validate_blob_id(self.name)
+        _check_range("size", self.size, 0, _U64)
+        _check_range("chunk_size", self.chunk_size, 1, _U32)
+        _check_digest("sha256", self.sha256)
+
+
+@dataclass(frozen=True, slots=True)
+class ModelManifest:
+    """A model version: its shards, pre/post-processing steps and variants.
+
+    ``signature`` is empty until the security layer signs the manifest.
+    """
+
+    model_id: str
+    version: int
+    format: str
+    shards: tuple[BlobInfo, ...]
+    pipeline: tuple[dict[str, Any], ...] = ()
+    variants: tuple[str, ...] = ()
+    signature: bytes = b""
+
+    def __post_init__(self) -> None:
+        validate_blob_id(self.model_id)
+        _check_range("version", self.version, 0, _U64)
+        names = [s.name for s in self.shards]
+        if len(set(names)) != len(names):
+            raise DecodeError("duplicate shard names in manifest", reason="bad_body")
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkRequest:
+    """Receiver-driven request for ``length`` bytes of a blob from ``offset``."""
+
+    blob_id: str
+    offset: int
+    length: int
+
+    def __post_init__(self) -> None:
+        validate_blob_id(self.blob_id)
+        _check_range("offset", self.offset, 0, _U64)
+        _check_range("length", self.length, 1, _U32)
+
+
+@dataclass(frozen=True, slots=True)
+class Chunk:
+    """Bytes of a blob at ``offset`` with their SHA-256."""
+
+    blob_id: str
+    offset: int
+    data: bytes
+    sha256: bytes
+
+    def __post_init__(self) -> None:
+        validate_blob_id(self.blob_id)
+        _check_range("offset", self.offset, 0, _U64)
+        _check_digest("sha256", self.sha256)
+
+
+@dataclass(frozen=True, slots=True)
+class Task:
+    """Run ``model_id`` on ``inputs`` (encoded tensors) before ``deadline_ms`` (Unix ms)."""
+
+    task_id: str
+    attempt: int
+    model_id: str
+    deadline_ms: int
+    inputs: tuple[bytes, ...]
+    reply_to: str = ""
+
+    def __post_init__(self) -> None:
+        validate_blob_id(self.task_id)
+        validate_blob_id(self.model_id)
+        _check_range("attempt", self.attempt, 0, _U32)
+        _check_range("deadline_ms", self.deadline_ms, 0, _U64)
+        if self.reply_to:
+            validate_id(self.reply_to, "reply_to")
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    """Outputs (encoded tensors) of one attempt of a task."""
+
+    task_id: str
+    attempt: int
+    outputs: tuple[bytes, ...]
+
+    def __post_init__(self) -> None:
+        validate_blob_id(self.task_id)
+        _check_range("attempt", self.attempt, 0, _U32)
+
+
+@dataclass(frozen=True, slots=True)
+class Error:
+    """A typed failure: ``code`` is a stable reason code, ``message`` human text."""
+
+    code: str
+    message: str
+    task_id: str = ""
+    attempt: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.code or len(self.code) > 64:
+            raise DecodeError("error code must be 1..64 characters", reason="bad_body")
+        if self.task_id:
+            validate_blob_id(self.task_id)
+        _check_range("attempt", self.attempt, 0, _U32)
+
+
+Message = (
+    Birth | Death | Heartbeat | CoordinatorState | ModelManifest | ChunkRequest | Chunk | Task | Result | Error
+)
+
+_CLASSES: dict[MessageKind, type[Any]] = {
+    MessageKind.BIRTH: Birth,
+    MessageKind.DEATH: Death,
+    MessageKind.HEARTBEAT: Heartbeat,
+    MessageKind.COORDINATOR_STATE: CoordinatorState,
+    MessageKind.MODEL_MANIFEST: ModelManifest,
+    MessageKind.CHUNK_REQUEST: ChunkRequest,
+    MessageKind.CHUNK: Chunk,
+    MessageKind.TASK: Task,
+    MessageKind.RESULT: Result,
+    MessageKind.ERROR: Error,
+}
+_KINDS = {cls: kind for kind, cls in _CLASSES.items()}
+
+
+def message_class(kind: int) -> type[Any]:
+    """The dataclass for a kind byte.
+
+    Raises:
+        DecodeError: unknown kind.
+    """
+    try:
+        return _CLASSES[MessageKind(kind)]
+    except ValueError:
+        raise DecodeError(f"unknown message kind {kind}", reason="unknown_kind") from None
+
+
+def kind_of(message: object) -> MessageKind:
+    """The kind byte of a message instance.
+
+    Raises:
+        ProtocolError: not a protocol message type.
+    """
+    try:
+        return _KINDS[type(message)]
+    except KeyError:
+        raise ProtocolError(f"{type(message).__name__} is not a protocol message") from None

@@ -1,0 +1,176 @@
+"""Chunked blob transfer over a `Transport`: `BlobServer` and `fetch_blob`.
+
+A receiver publishes `ChunkRequest` messages to the coordinator inbox under
+its own id (``es/1/<fleet>/coord/in/<receiver>``); the server answers each with
+a `Chunk` in the receiver's inbox. The topic a request came from names the
+requester, and must agree with the envelope's sender.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from edgespeed.errors import BlobError, ProtocolError, TransportError, TransportTimeoutError
+from edgespeed.protocol import topics
+from edgespeed.protocol.blob import BlobAssembler, BlobSource
+from edgespeed.protocol.envelope import open_message, pack_message
+from edgespeed.protocol.messages import BlobInfo, Chunk, ChunkRequest, Error
+from edgespeed.transport.base import Message, Transport
+
+__all__ = ["BlobServer", "fetch_blob"]
+
+log = logging.getLogger(__name__)
+
+
+class BlobServer:
+    """Answers chunk requests for the blobs it holds.
+
+    Args:
+        transport: an open transport; the server consumes its messages.
+        fleet: the fleet id.
+        server_id: the id the server sends as (the coordinator's).
+        concurrency: chunks being published at once.
+    """
+
+    def __init__(self, transport: Transport, *, fleet: str, server_id: str, concurrency: int = 8) -> None:
+        self._transport = transport
+        self._fleet = topics.validate_id(fleet, "fleet")
+        self._id = topics.validate_id(server_id, "server id")
+        self._sources: dict[str, BlobSource] = {}
+        self._slots = asyncio.Semaphore(concurrency)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.served = 0
+        self.rejected = 0
+
+    def add(self, source: BlobSource) -> BlobInfo:
+        """Serve a blob; returns what receivers need to fetch it."""
+        self._sources[source.blob_id] = source
+        return source.info
+
+    async def run(self) -> None:
+        """Serve until cancelled or the transport closes."""
+        inbox = f"{topics.PREFIX}/{self._fleet}/coord/in/+"
+        await self._transport.subscribe(inbox)
+        try:
+            async for message in self._transport.messages():
+                try:
+                    name = topics.parse_topic(message.topic)
+                    envelope, request = open_message(message.payload)
+                except ProtocolError as exc:
+                    self.rejected += 1
+                    log.warning("dropped a bad message on %s: %s", message.topic, exc)
+                    continue
+                if name.id != envelope.sender or not isinstance(request, ChunkRequest):
+                    self.rejected += 1
+                    log.warning("dropped %s from %r on %s", envelope.kind.name, envelope.sender, message.topic)
+                    continue
+                await self._slots.acquire()
+                task = asyncio.create_task(self._answer(envelope.sender, request, envelope.message_id))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+        finally:
+            for task in self._tasks:
+                task.cancel()
+
+    async def _answer(self, requester: str, request: ChunkRequest, request_id: bytes) -> None:
+        try:
+            source = self._sources.get(request.blob_id)
+            reply: Chunk | Error
+            if source is None:
+                reply = Error(code="unknown_blob", message=f"no blob {request.blob_id!r} here")
+            else:
+                try:
+                    reply = source.chunk(request)
+                except BlobError as exc:
+                    reply = Error(code=exc.reason, message=str(exc))
+            payload = pack_message(reply, sender=self._id, recipient=requester, correlation_id=request_id)
+            await self._transport.publish(topics.device_inbox(self._fleet, requester), payload)
+            self.served += isinstance(reply, Chunk)
+        except TransportError as exc:
+            # The requester asks again when its request times out.
+            log.info("could not answer %s@%d for %s: %s", request.blob_id, request.offset, requester, exc)
+        finally:
+            self._slots.release()
+
+
+async def fetch_blob(
+    transport: Transport,
+    info: BlobInfo,
+    dest: Path,
+    *,
+    fleet: str,
+    device_id: str,
+    window: int = 8,
+    request_timeout: float = 5.0,
+    timeout: float = 600.0,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> Path:
+    """Fetch a blob into ``dest``, resuming a partial file, and verify it.
+
+    The transport must be dedicated to this fetch while it runs: its messages
+    are consumed here.
+
+    Raises:
+        BlobError: verification failed, or the server answered with an error.
+        TransportTimeoutError: not finished within ``timeout`` seconds.
+    """
+    assembler = BlobAssembler(info, dest, window=window)
+    inbox = topics.device_inbox(fleet, device_id)
+    outbox = topics.coordinator_inbox(fleet, device_id)
+    deadline = time.monotonic() + timeout
+    # Waiting on an async generator with a timeout would close it when the
+    # timeout fires, so a pump hands messages over through a bounded queue.
+    queue: asyncio.Queue[Message | None] = asyncio.Queue(maxsize=2 * window)
+
+    async def pump() -> None:
+        async for message in transport.messages():
+            await queue.put(message)
+        await queue.put(None)
+
+    pump_task: asyncio.Task[None] | None = None
+    try:
+        await transport.subscribe(inbox)
+        pump_task = asyncio.create_task(pump(), name=f"fetch[{info.name}].pump")
+        if on_progress:
+            on_progress(assembler.committed, info.size)
+        while not assembler.done:
+            for request in assembler.requests(timeout=request_timeout):
+                try:
+                    await transport.publish(outbox, pack_message(request, sender=device_id))
+                except TransportError as exc:
+                    log.info("chunk request for offset %d not sent (%s); will retry", request.offset, exc)
+            now = time.monotonic()
+            if now >= deadline:
+                raise TransportTimeoutError(
+                    f"fetching {info.name!r} took over {timeout}s ({assembler.committed}/{info.size} bytes)"
+                )
+            wake = min(assembler.next_deadline(request_timeout) or now + request_timeout, deadline)
+            try:
+                message = await asyncio.wait_for(queue.get(), max(wake - now, 0.001))
+            except TimeoutError:
+                continue
+            if message is None:
+                raise TransportError("transport closed during the fetch")
+            if message.topic != inbox:
+                continue
+            try:
+                _, body = open_message(message.payload)
+            except ProtocolError as exc:
+                log.warning("dropped a bad message in %s: %s", inbox, exc)
+                continue
+            if isinstance(body, Error):
+                raise BlobError(f"server refused {info.name!r}: {body.code}: {body.message}", reason=body.code)
+            if isinstance(body, Chunk) and assembler.accept(body) and on_progress:
+                on_progress(assembler.committed, info.size)
+        return assembler.finish()
+    finally:
+        assembler.close()
+        if pump_task is not None:
+            pump_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await pump_task
