@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from edgespeed._compat import timeout as timeout_after
 from edgespeed.errors import BlobError, ProtocolError, TransportError, TransportTimeoutError
 from edgespeed.protocol import topics
 from edgespeed.protocol.blob import BlobAssembler, BlobSource
@@ -151,7 +152,8 @@ async def fetch_blob(
                 )
             wake = min(assembler.next_deadline(request_timeout) or now + request_timeout, deadline)
             try:
-                message = await asyncio.wait_for(queue.get(), max(wake - now, 0.001))
+                async with timeout_after(max(wake - now, 0.001)):
+                    message = await queue.get()
             except TimeoutError:
                 continue
             if message is None:

@@ -14,8 +14,8 @@ import enum
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Self
 
+from edgespeed._compat import Self
 from edgespeed.errors import ConfigError, TransportClosedError
 
 __all__ = [

@@ -21,8 +21,9 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal, Self
+from typing import Any, Literal
 
+from edgespeed._compat import Self, timeout
 from edgespeed.errors import BrokerError, ConfigError, MissingDependencyError
 
 __all__ = [
@@ -74,7 +75,8 @@ class BrokerSettings:
         host: address to listen on (loopback by default).
         port: plain MQTT port; 0 picks a free one; None for no plain listener.
         tls: a TLS listener on ``tls_port`` (0 picks a free one).
-        websocket_port: a plain WebSocket listener (Mosquitto only).
+        websocket_port: a plain WebSocket listener (0 picks a free port); Mosquitto
+            serves it only when built with WebSocket support.
         data_dir: where the broker persists sessions and queued messages; None: no persistence.
         max_packet_size: largest packet the broker accepts.
         max_queued_messages: per-client queue bound while it is offline or slow.
@@ -251,7 +253,8 @@ class EmbeddedBroker:
                 if self._proc is not None and self._proc.poll() is not None:
                     raise BrokerError(f"mosquitto exited with status {self._proc.returncode}: {self._log_tail()}")
                 try:
-                    _, writer = await asyncio.wait_for(asyncio.open_connection(self.settings.host, port), 1.0)
+                    async with timeout(1.0):
+                        _, writer = await asyncio.open_connection(self.settings.host, port)
                 except (OSError, TimeoutError):
                     if time.monotonic() > deadline:
                         await self.stop()
@@ -280,8 +283,13 @@ class EmbeddedBroker:
         s = self.settings
         if s.port is None:
             raise BrokerError("the amqtt fallback serves a plain listener only; install mosquitto for TLS")
+        listeners: dict[str, dict[str, object]] = {
+            "default": {"type": "tcp", "bind": f"{s.host}:{s.port}", "max_connections": 0}
+        }
+        if s.websocket_port is not None:
+            listeners["ws"] = {"type": "ws", "bind": f"{s.host}:{s.websocket_port}", "max_connections": 0}
         config = {
-            "listeners": {"default": {"type": "tcp", "bind": f"{s.host}:{s.port}", "max_connections": 0}},
+            "listeners": listeners,
             "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}},
         }
         broker = Broker(config)
@@ -298,7 +306,8 @@ class EmbeddedBroker:
             if proc.poll() is None:
                 proc.terminate()
                 try:
-                    await asyncio.wait_for(asyncio.to_thread(proc.wait), 10.0)
+                    async with timeout(10.0):
+                        await asyncio.to_thread(proc.wait)
                 except TimeoutError:
                     proc.kill()
                     await asyncio.to_thread(proc.wait)
@@ -307,7 +316,8 @@ class EmbeddedBroker:
         if self._amqtt is not None:
             broker, self._amqtt = self._amqtt, None
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(broker.shutdown(), 10.0)
+                async with timeout(10.0):
+                    await broker.shutdown()
 
     async def kill(self) -> None:
         """Kill the broker without letting it save anything (fault tests)."""

@@ -12,6 +12,7 @@ import asyncio
 import collections
 from collections.abc import AsyncIterator
 
+from edgespeed._compat import timeout as timeout_after
 from edgespeed.errors import ConfigError, TransportTimeoutError
 from edgespeed.transport.base import (
     Message,
@@ -94,7 +95,8 @@ class MemoryTransport(Transport):
 
     async def _deliver(self, message: Message, timeout: float) -> None:
         try:
-            await asyncio.wait_for(self._queue.put(message), timeout)
+            async with timeout_after(timeout):
+                await self._queue.put(message)
         except TimeoutError:
             raise TransportTimeoutError(
                 f"subscriber {self.client_id!r} did not take messages for {timeout}s (queue full)"

@@ -43,6 +43,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
+from edgespeed._compat import timeout as asyncio_timeout
 from edgespeed.errors import (
     ConfigError,
     ConnectError,
@@ -200,6 +201,19 @@ class MqttTransport(Transport):
         self._connected.clear()
         self._disconnected.set()
         self._has_messages.set()
+
+    async def abort(self) -> None:
+        """Vanish as a crashed process would: no DISCONNECT, so the broker
+        publishes the will and keeps unacknowledged messages for redelivery."""
+        if self._state is TransportState.CLOSED:
+            return
+        self._closing = True
+        sock = self._sock
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+        self._connected.clear()
+        await self.close()
 
     # -- paho client and its socket ---------------------------------------
 
@@ -381,16 +395,16 @@ class MqttTransport(Transport):
         self._connack = self._loop.create_future()
         started = time.monotonic()
         try:
-            await asyncio.wait_for(self._loop.run_in_executor(None, self._client.reconnect), timeout)
+            async with asyncio_timeout(timeout):
+                await self._loop.run_in_executor(None, self._client.reconnect)
         except ssl.SSLError as exc:
             raise ConnectError(f"TLS handshake with {self.config.url} failed: {exc}") from exc
         except (OSError, TimeoutError) as exc:
             raise ConnectError(f"cannot reach {self.config.url}: {exc or 'timed out'}", retryable=True) from exc
         remaining = max(timeout - (time.monotonic() - started), 0.05)
         try:
-            await asyncio.wait_for(
-                asyncio.shield(self._connack), min(remaining, _V5_PROBE_TIMEOUT) if probing else remaining
-            )
+            async with asyncio_timeout(min(remaining, _V5_PROBE_TIMEOUT) if probing else remaining):
+                await asyncio.shield(self._connack)
         except TimeoutError:
             self._close_socket()
             if probing:
@@ -471,7 +485,8 @@ class MqttTransport(Transport):
         if self._connected.is_set():
             return
         try:
-            await asyncio.wait_for(self._connected.wait(), timeout)
+            async with asyncio_timeout(timeout):
+                await self._connected.wait()
         except TimeoutError:
             raise NotConnectedError(f"not connected to {self.config.url} within {timeout}s") from None
         self._check_open()
@@ -489,7 +504,8 @@ class MqttTransport(Transport):
         timeout = self.config.publish_timeout
         deadline = time.monotonic() + timeout
         try:
-            await asyncio.wait_for(self._inflight.acquire(), timeout)
+            async with asyncio_timeout(timeout):
+                await self._inflight.acquire()
         except TimeoutError:
             raise TransportTimeoutError(
                 f"{self.config.max_inflight} publishes awaited acknowledgement for {timeout}s"
@@ -505,7 +521,8 @@ class MqttTransport(Transport):
             fut = self._loop.create_future()
             self._pending_pub[info.mid] = (fut, topic)
             try:
-                await asyncio.wait_for(fut, max(deadline - time.monotonic(), 0.0))
+                async with asyncio_timeout(max(deadline - time.monotonic(), 0.0)):
+                    await fut
             except TimeoutError:
                 raise TransportTimeoutError(f"no acknowledgement for publish to {topic!r} in {timeout}s") from None
             finally:
@@ -536,7 +553,8 @@ class MqttTransport(Transport):
         await self._wait_connected(self.config.publish_timeout)
         fut = self._send_subscribe(wanted)
         try:
-            codes = await asyncio.wait_for(fut, self.config.publish_timeout)
+            async with asyncio_timeout(self.config.publish_timeout):
+                codes = await fut
         except TimeoutError:
             raise TransportTimeoutError(f"no SUBACK for {list(filters)}") from None
         refused = [f for f, code in zip(wanted, codes, strict=False) if code.is_failure]
@@ -578,7 +596,8 @@ class MqttTransport(Transport):
         fut: asyncio.Future[list[Any]] = self._loop.create_future()
         self._pending_sub[mid] = fut
         try:
-            await asyncio.wait_for(fut, self.config.publish_timeout)
+            async with asyncio_timeout(self.config.publish_timeout):
+                await fut
         except TimeoutError:
             raise TransportTimeoutError(f"no UNSUBACK for {list(filters)}") from None
 

@@ -1,0 +1,74 @@
+"""Shared fixtures: a fleet PKI, a real Mosquitto on free ports with the project's config, unique topics."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from edgespeed.security import FleetCA, Identity, create_ca, issue_certificate
+from edgespeed.transport import BrokerSettings, BrokerTls, EmbeddedBroker, MqttConfig, TlsConfig, find_mosquitto
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class Pki:
+    ca: FleetCA
+    broker: Identity
+    devices: dict[str, Identity]
+    foreign_ca: FleetCA
+    foreign_device: Identity
+
+    def tls(self, name: str) -> TlsConfig:
+        ident = self.devices[name]
+        return TlsConfig(self.ca.cert_file, ident.cert_file, ident.key_file)
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    base = tmp_path_factory.mktemp("pki")
+    ca = create_ca(base / "ca", fleet="test")
+    broker = issue_certificate(ca, "broker", role="broker")
+    devices = {name: issue_certificate(ca, name) for name in ("dev-a", "dev-b", "coord")}
+    foreign = create_ca(base / "foreign", fleet="evil")
+    return Pki(ca, broker, devices, foreign, issue_certificate(foreign, "dev-a"))
+
+
+def _need_mosquitto() -> None:
+    if find_mosquitto() is None:
+        pytest.skip("mosquitto is not installed (make test installs it; apt-get install mosquitto)")
+
+
+@pytest.fixture
+async def broker(pki: Pki, tmp_path: Path) -> AsyncIterator[EmbeddedBroker]:
+    """A Mosquitto of our own on free ports: plain and mutual-TLS listeners, persistence on."""
+    _need_mosquitto()
+    settings = BrokerSettings(
+        backend="mosquitto",
+        tls=BrokerTls(pki.ca.cert_file, pki.broker.cert_file, pki.broker.key_file),
+        data_dir=tmp_path / "broker-data",
+    )
+    async with EmbeddedBroker(settings) as b:
+        yield b
+
+
+@pytest.fixture
+def client_id() -> str:
+    return f"t-{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+def prefix() -> str:
+    """A topic prefix unique to the test."""
+    return f"test/{uuid.uuid4().hex[:12]}"
+
+
+def mqtt_config(url: str, client_id: str, **kw: object) -> MqttConfig:
+    """Test defaults: short timeouts and fast reconnects."""
+    kw.setdefault("connect_timeout", 5.0)
+    kw.setdefault("publish_timeout", 10.0)
+    return MqttConfig(url, client_id, **kw)  # type: ignore[arg-type]
