@@ -61,9 +61,7 @@ class MissingDependencyError(EdgeSpeedError, ImportError):
     def __init__(self, package: str, extra: str) -> None:
         self.package = package
         self.extra = extra
-        super().__init__(
-            f"{package} is not installed; install it with: pip install 'edgespeed[{extra}]'"
-        )
+        super().__init__(f"{package} is not installed; install it with: pip install 'edgespeed[{extra}]'")
 
 
 class ProtocolError(EdgeSpeedError, ValueError):

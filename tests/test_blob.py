@@ -111,9 +111,11 @@ def test_whole_blob_hash_mismatch_removes_the_partial_file(tmp_path: Path) -> No
 def test_bad_offsets_and_foreign_blobs(tmp_path: Path) -> None:
     source = BlobSource("b", DATA, chunk_size=1000)
     asm = BlobAssembler(source.info, tmp_path / "out")
-    for chunk in (Chunk("b", 1, b"x", hashlib.sha256(b"x").digest()),
-                  Chunk("b", 10_000, b"x", hashlib.sha256(b"x").digest()),
-                  Chunk("c", 0, b"x", hashlib.sha256(b"x").digest())):
+    for chunk in (
+        Chunk("b", 1, b"x", hashlib.sha256(b"x").digest()),
+        Chunk("b", 10_000, b"x", hashlib.sha256(b"x").digest()),
+        Chunk("c", 0, b"x", hashlib.sha256(b"x").digest()),
+    ):
         with pytest.raises(BlobError):
             asm.accept(chunk)
     for request in (ChunkRequest("b", 10_000, 10), ChunkRequest("b", 0, 1001), ChunkRequest("c", 0, 10)):

@@ -38,8 +38,12 @@ SAMPLES = [
     Heartbeat(epoch=7, load=0.25, queue_depth=3, models=("digits",)),
     CoordinatorState(online=True, epoch=2),
     ModelManifest(
-        "digits", 3, "onnx", (BlobInfo("digits.onnx", 1234, bytes(32), 65536),),
-        pipeline=({"op": "scale", "factor": 0.0625},), variants=("onnx-fp32",),
+        "digits",
+        3,
+        "onnx",
+        (BlobInfo("digits.onnx", 1234, bytes(32), 65536),),
+        pipeline=({"op": "scale", "factor": 0.0625},),
+        variants=("onnx-fp32",),
     ),
     ChunkRequest("digits.onnx", 65536, 65536),
     Chunk("digits.onnx", 0, b"\x01\x02", bytes(32)),
@@ -90,8 +94,10 @@ def test_body_length_past_the_end_is_refused() -> None:
         decode_envelope(bytes(data))
 
 
-@pytest.mark.parametrize(("offset", "value", "reason"), [(0, 0x00, "bad_magic"), (2, 2, "unknown_version"),
-                                                         (3, 200, "unknown_kind"), (4, 0x80, "bad_flags")])
+@pytest.mark.parametrize(
+    ("offset", "value", "reason"),
+    [(0, 0x00, "bad_magic"), (2, 2, "unknown_version"), (3, 200, "unknown_kind"), (4, 0x80, "bad_flags")],
+)
 def test_bad_fixed_fields(offset: int, value: int, reason: str) -> None:
     data = bytearray(encode_envelope(_envelope()))
     data[offset] = value
@@ -167,8 +173,9 @@ ids = st.from_regex(r"[a-z0-9][a-z0-9-]{0,62}", fullmatch=True)
 def test_envelope_round_trip_property(
     sender: str, recipient: str, sequence: int, ts: int, body: bytes, flags: int, kind: MessageKind
 ) -> None:
-    env = Envelope(kind=kind, sender=sender, recipient=recipient, body=body, sequence=sequence,
-                   timestamp_ms=ts, flags=flags)
+    env = Envelope(
+        kind=kind, sender=sender, recipient=recipient, body=body, sequence=sequence, timestamp_ms=ts, flags=flags
+    )
     assert decode_envelope(encode_envelope(env)) == env
 
 

@@ -86,8 +86,15 @@ async def test_misuse_is_a_clear_error() -> None:
 
 @pytest.mark.parametrize(
     ("f", "topic", "expected"),
-    [("a/+/c", "a/b/c", True), ("a/#", "a", True), ("a/#", "a/b/c", True), ("+/+", "a", False),
-     ("#", "$SYS/x", False), ("a/b", "a/b/c", False), ("+", "", True)],
+    [
+        ("a/+/c", "a/b/c", True),
+        ("a/#", "a", True),
+        ("a/#", "a/b/c", True),
+        ("+/+", "a", False),
+        ("#", "$SYS/x", False),
+        ("a/b", "a/b/c", False),
+        ("+", "", True),
+    ],
 )
 def test_topic_matching(f: str, topic: str, expected: bool) -> None:
     assert topic_matches(validate_filter(f), topic) is expected

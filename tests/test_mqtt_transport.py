@@ -52,8 +52,9 @@ async def test_tls_refusals(broker: EmbeddedBroker, pki: Pki, tmp_path) -> None:
     wrong_ca = TlsConfig(pki.foreign_ca.cert_file, pki.devices["dev-a"].cert_file, pki.devices["dev-a"].key_file)
     import datetime as dt
 
-    old = issue_certificate(pki.ca, "dev-old", out_dir=tmp_path, days=1,
-                            not_before=dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=3))
+    old = issue_certificate(
+        pki.ca, "dev-old", out_dir=tmp_path, days=1, not_before=dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=3)
+    )
     expired = TlsConfig(pki.ca.cert_file, old.cert_file, old.key_file)
     for tls in (no_cert, foreign, wrong_ca, expired):
         with pytest.raises(ConnectError):
@@ -80,12 +81,11 @@ async def test_ack_only_after_handover(broker: EmbeddedBroker, prefix: str, clie
             assert m.payload == b"precious"
 
 
-async def test_full_queue_pauses_reading_and_loses_nothing(
-    broker: EmbeddedBroker, prefix: str, client_id: str
-) -> None:
-    async with MqttTransport(mqtt_config(broker.url, client_id, queue_size=5)) as sub, MqttTransport(
-        mqtt_config(broker.url, client_id + "p")
-    ) as pub:
+async def test_full_queue_pauses_reading_and_loses_nothing(broker: EmbeddedBroker, prefix: str, client_id: str) -> None:
+    async with (
+        MqttTransport(mqtt_config(broker.url, client_id, queue_size=5)) as sub,
+        MqttTransport(mqtt_config(broker.url, client_id + "p")) as pub,
+    ):
         await sub.subscribe(f"{prefix}/bp")
         await asyncio.gather(*(pub.publish(f"{prefix}/bp", b"%d" % i, qos=i % 2) for i in range(200)))
         await asyncio.sleep(0.3)
@@ -97,9 +97,10 @@ async def test_full_queue_pauses_reading_and_loses_nothing(
 async def test_reconnects_and_resubscribes_after_broker_restart(
     broker: EmbeddedBroker, prefix: str, client_id: str
 ) -> None:
-    async with MqttTransport(mqtt_config(broker.url, client_id)) as sub, MqttTransport(
-        mqtt_config(broker.url, client_id + "p")
-    ) as pub:
+    async with (
+        MqttTransport(mqtt_config(broker.url, client_id)) as sub,
+        MqttTransport(mqtt_config(broker.url, client_id + "p")) as pub,
+    ):
         await sub.subscribe(f"{prefix}/r")
         await broker.restart(down_for=0.3)
         for _ in range(200):

@@ -131,9 +131,13 @@ def test_nonfinite_int8_scales_are_refused() -> None:
         decode_tensor(bytes(data))
 
 
-@given(hnp.arrays(dtype=st.sampled_from([np.float32, np.int64, np.uint8, np.float16]),
-                  shape=hnp.array_shapes(min_dims=0, max_dims=4, max_side=6)),
-       st.sampled_from(list(Compression)))
+@given(
+    hnp.arrays(
+        dtype=st.sampled_from([np.float32, np.int64, np.uint8, np.float16]),
+        shape=hnp.array_shapes(min_dims=0, max_dims=4, max_side=6),
+    ),
+    st.sampled_from(list(Compression)),
+)
 def test_round_trip_property(array: np.ndarray, compression: Compression) -> None:
     decoded = decode_tensor(encode_tensor(array, compression=compression))
     np.testing.assert_array_equal(decoded, array)

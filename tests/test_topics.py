@@ -34,8 +34,17 @@ def test_injection_and_bad_ids_are_refused(bad: object) -> None:
 
 @pytest.mark.parametrize(
     "topic",
-    ["es/2/f/dev/d/in", "es/1/f/dev/d/other", "es/1/f/dev/+/in", "es/1/f/coord", "x/1/f/coord/state",
-     "es/1/f/dev/d/in/extra", "es/1/F/coord/state", "es/1/f/bcast/a#", "a" * 600],
+    [
+        "es/2/f/dev/d/in",
+        "es/1/f/dev/d/other",
+        "es/1/f/dev/+/in",
+        "es/1/f/coord",
+        "x/1/f/coord/state",
+        "es/1/f/dev/d/in/extra",
+        "es/1/F/coord/state",
+        "es/1/f/bcast/a#",
+        "a" * 600,
+    ],
 )
 def test_unknown_topics_are_refused(topic: str) -> None:
     with pytest.raises(TopicError):

@@ -81,8 +81,9 @@ async def test_200_mib_blob_survives_a_broker_restart_and_a_receiver_restart(
         # 1. The receiving process stops a third of the way in.
         async with MqttTransport(mqtt_config(broker.url, "dev-1")) as dt:
             fetch = asyncio.create_task(
-                fetch_blob(dt, info, dest, fleet="f", device_id="dev-1",
-                           on_progress=lambda done, total: progress.append(done))
+                fetch_blob(
+                    dt, info, dest, fleet="f", device_id="dev-1", on_progress=lambda done, total: progress.append(done)
+                )
             )
             while not progress or progress[-1] < size // 3:
                 await asyncio.sleep(0.01)
@@ -96,8 +97,15 @@ async def test_200_mib_blob_survives_a_broker_restart_and_a_receiver_restart(
         progress.clear()
         async with MqttTransport(mqtt_config(broker.url, "dev-1")) as dt:
             fetch = asyncio.create_task(
-                fetch_blob(dt, info, dest, fleet="f", device_id="dev-1", request_timeout=2.0,
-                           on_progress=lambda done, total: progress.append(done))
+                fetch_blob(
+                    dt,
+                    info,
+                    dest,
+                    fleet="f",
+                    device_id="dev-1",
+                    request_timeout=2.0,
+                    on_progress=lambda done, total: progress.append(done),
+                )
             )
             while not progress or progress[-1] < size * 2 // 3:
                 await asyncio.sleep(0.01)

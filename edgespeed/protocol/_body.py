@@ -13,7 +13,7 @@ import functools
 import types
 import typing
 from collections.abc import Callable, Mapping
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import msgpack
 
@@ -51,7 +51,7 @@ def decode_body(cls: type[T], data: bytes | memoryview) -> T:
         raise
     except Exception as exc:  # msgpack raises several unrelated types
         raise DecodeError(f"malformed body: {exc}", reason="bad_body") from exc
-    return _converter(cls)(plain, cls.__name__)  # type: ignore[no-any-return]
+    return _converter(cast(Any, cls))(plain, cls.__name__)  # type: ignore[no-any-return]
 
 
 def _to_plain(value: object) -> object:
@@ -85,7 +85,7 @@ def _converter(tp: Any) -> _Converter:
         return _exact(str, "str")
     if tp is bytes:
         return _exact(bytes, "bytes")
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         return _dataclass_converter(tp)
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)

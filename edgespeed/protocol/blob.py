@@ -19,7 +19,7 @@ from pathlib import Path
 from edgespeed.errors import BlobError, ConfigError
 from edgespeed.protocol.messages import BlobInfo, Chunk, ChunkRequest, validate_blob_id
 
-__all__ = ["DEFAULT_CHUNK_SIZE", "MAX_CHUNK_SIZE", "BlobAssembler", "BlobSource"]
+__all__ = ["BlobAssembler", "BlobSource", "DEFAULT_CHUNK_SIZE", "MAX_CHUNK_SIZE"]
 
 # 512 KiB keeps a chunk with its envelope under brokers' common 1 MB limit.
 DEFAULT_CHUNK_SIZE = 512 * 1024
@@ -191,8 +191,9 @@ class BlobAssembler:
             self.bad_chunks += 1
             self._outstanding.pop(offset, None)  # asked for again by the next requests()
             if self.bad_chunks > self._max_bad:
-                raise BlobError(f"{self.bad_chunks} chunks of {self.info.name!r} failed verification",
-                                reason="chunk_hash")
+                raise BlobError(
+                    f"{self.bad_chunks} chunks of {self.info.name!r} failed verification", reason="chunk_hash"
+                )
             return False
         if offset not in self._outstanding:
             return False

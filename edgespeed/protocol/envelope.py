@@ -34,10 +34,10 @@ from edgespeed.protocol.topics import ID_PATTERN
 
 __all__ = [
     "DEFAULT_MAX_PAYLOAD",
+    "Envelope",
     "FLAG_SEALED",
     "MAGIC",
     "VERSION",
-    "Envelope",
     "decode_envelope",
     "encode_envelope",
     "new_message_id",

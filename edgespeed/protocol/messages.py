@@ -18,6 +18,7 @@ from edgespeed.protocol.topics import validate_id
 __all__ = [
     "BLOB_ID_PATTERN",
     "Birth",
+    "BlobInfo",
     "Chunk",
     "ChunkRequest",
     "CoordinatorState",
@@ -29,7 +30,6 @@ __all__ = [
     "MessageKind",
     "ModelManifest",
     "Result",
-    "BlobInfo",
     "Task",
     "kind_of",
     "message_class",
@@ -264,9 +264,7 @@ class Error:
         _check_range("attempt", self.attempt, 0, _U32)
 
 
-Message = (
-    Birth | Death | Heartbeat | CoordinatorState | ModelManifest | ChunkRequest | Chunk | Task | Result | Error
-)
+Message = Birth | Death | Heartbeat | CoordinatorState | ModelManifest | ChunkRequest | Chunk | Task | Result | Error
 
 _CLASSES: dict[MessageKind, type[Any]] = {
     MessageKind.BIRTH: Birth,

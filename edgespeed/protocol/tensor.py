@@ -25,16 +25,16 @@ from __future__ import annotations
 import enum
 import math
 import struct
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
 from edgespeed.errors import MissingDependencyError, PayloadTooLargeError, TensorError
 
 __all__ = [
+    "Compression",
     "DEFAULT_MAX_TENSOR_BYTES",
     "DTYPES",
-    "Compression",
     "Encoding",
     "decode_tensor",
     "encode_tensor",
@@ -133,7 +133,7 @@ def encode_tensor(
         stored = np.ascontiguousarray(array, dtype="<f2")
     else:
         stored, extra = _quantize(array, axis)
-    raw = stored.tobytes() if not stored.flags.c_contiguous else memoryview(stored).cast("B")
+    raw = memoryview(cast(Any, stored)).cast("B")  # stored is C-contiguous: no copy
     payload = _compress(raw, compression, level)
     head = _HEAD.pack(_MAGIC, _VERSION, code, int(encoding), int(compression), array.ndim, 0)
     shape = b"".join(_U32.pack(d) for d in array.shape)
@@ -307,9 +307,12 @@ def _decompress(payload: memoryview, compression: Compression, stored_len: int) 
             if declared not in (-1, stored_len):
                 reason = "bomb" if declared > stored_len else "length_mismatch"
                 raise TensorError(f"zstd frame declares {declared} bytes, header says {stored_len}", reason=reason)
-            raw = zstd.ZstdDecompressor().decompress(payload, max_output_size=stored_len, allow_extra_data=False)
+            raw = cast(
+                bytes,
+                zstd.ZstdDecompressor().decompress(payload, max_output_size=stored_len, allow_extra_data=False),
+            )
         else:
-            raw = _lz4().decompress(bytes(payload), uncompressed_size=stored_len)
+            raw = cast(bytes, _lz4().decompress(bytes(payload), uncompressed_size=stored_len))
     except TensorError:
         raise
     except Exception as exc:

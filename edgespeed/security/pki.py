@@ -80,8 +80,12 @@ def create_ca(directory: Path, *, fleet: str = "edgespeed", days: int = 3650) ->
     if ca.key_file.exists():
         raise ConfigError(f"a fleet CA already exists in {ca.directory}")
     key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"{fleet} fleet CA"),
-                      x509.NameAttribute(NameOID.ORGANIZATION_NAME, fleet)])
+    name = x509.Name(
+        [
+            x509.NameAttribute(NameOID.COMMON_NAME, f"{fleet} fleet CA"),
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, fleet),
+        ]
+    )
     now = dt.datetime.now(dt.timezone.utc)
     cert = (
         x509.CertificateBuilder()
@@ -149,17 +153,21 @@ def issue_certificate(
     start = not_before or dt.datetime.now(dt.timezone.utc) - dt.timedelta(minutes=5)
     builder = (
         x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name),
-                                 x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, role)]))
+        .subject_name(
+            x509.Name(
+                [
+                    x509.NameAttribute(NameOID.COMMON_NAME, name),
+                    x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, role),
+                ]
+            )
+        )
         .issuer_name(ca_cert.subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(start)
         .not_valid_after(start + dt.timedelta(days=days))
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
-        )
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
     )
     if role == "broker":
         sans: list[x509.GeneralName] = []

@@ -237,7 +237,7 @@ class EmbeddedBroker:
         self.config_path.write_text(render_mosquitto_config(self.settings, log_file=self.log_path))
         if self.settings.data_dir is not None:
             self.settings.data_dir.mkdir(parents=True, exist_ok=True)
-        self._proc = subprocess.Popen(
+        self._proc = subprocess.Popen(  # noqa: ASYNC220 - fork/exec is quick; waiting is async below
             [self._binary, "-c", str(self.config_path)],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,

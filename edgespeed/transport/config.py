@@ -15,8 +15,12 @@ from edgespeed.transport.base import Will
 
 __all__ = ["Backoff", "BrokerAddress", "MqttConfig", "TlsConfig", "parse_broker_url"]
 
-_SCHEMES = {"mqtt": (1883, False, "tcp"), "mqtts": (8883, True, "tcp"), "ws": (80, False, "websockets"),
-            "wss": (443, True, "websockets")}
+_SCHEMES = {
+    "mqtt": (1883, False, "tcp"),
+    "mqtts": (8883, True, "tcp"),
+    "ws": (80, False, "websockets"),
+    "wss": (443, True, "websockets"),
+}
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,7 +9,6 @@ as TCP backpressure would make it wait on a real broker.
 from __future__ import annotations
 
 import asyncio
-import collections
 from collections.abc import AsyncIterator
 
 from edgespeed._compat import timeout as timeout_after

@@ -191,7 +191,8 @@ class MqttTransport(Transport):
                 await task
         self._close_socket()
         closed = TransportClosedError("transport closed")
-        for fut in [*(f for f, _ in self._pending_pub.values()), *self._pending_sub.values()]:
+        futures: list[asyncio.Future[Any]] = [f for f, _ in self._pending_pub.values()]
+        for fut in [*futures, *self._pending_sub.values()]:
             if not fut.done():
                 fut.set_exception(closed)
         if self._connack is not None and not self._connack.done():
@@ -253,7 +254,7 @@ class MqttTransport(Transport):
         client.on_socket_unregister_write = self._on_socket_unregister_write
         properties = None
         if v5:
-            properties = Properties(PacketTypes.CONNECT)
+            properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
             properties.SessionExpiryInterval = cfg.session_expiry
             properties.ReceiveMaximum = cfg.queue_size
         client.connect_async(
@@ -340,8 +341,9 @@ class MqttTransport(Transport):
         try:
             client.loop_read()
         except Exception as exc:  # paho raises e.g. ValueError on PUBACK 0x95
-            log.warning("MQTT read from %s failed (%s: %s); dropping the connection",
-                        self.config.url, type(exc).__name__, exc)
+            log.warning(
+                "MQTT read from %s failed (%s: %s); dropping the connection", self.config.url, type(exc).__name__, exc
+            )
             self._drop_connection()
             return
         # TLS keeps decrypted bytes that the selector cannot see.
@@ -382,8 +384,8 @@ class MqttTransport(Transport):
         self._detach(sock)
         with contextlib.suppress(OSError):
             sock.close()
-        if self._client is not None and self._client._sock is sock:  # noqa: SLF001
-            self._client._sock = None  # noqa: SLF001
+        if self._client is not None and self._client._sock is sock:
+            self._client._sock = None
 
     # -- connecting --------------------------------------------------------
 
@@ -609,7 +611,8 @@ class MqttTransport(Transport):
     # -- receiving ---------------------------------------------------------
 
     def _on_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
-        message = Message(msg.topic, msg.payload, msg.qos, bool(msg.retain))
+        payload = msg.payload if isinstance(msg.payload, bytes) else bytes(msg.payload)
+        message = Message(msg.topic, payload, msg.qos, bool(msg.retain))
         self._queue.append(_Incoming(message, msg.mid, self._generation))
         self._has_messages.set()
         if len(self._queue) >= self.config.queue_size and not self._paused:

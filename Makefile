@@ -1,0 +1,60 @@
+# EdgeSpeed: `make demo` runs the demo, `make test` runs the tests. Each sets up .venv first.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+DEPS   := $(VENV)/.deps-installed
+
+.PHONY: demo test test-fast lint vectors mosquitto clean help
+
+help:
+	@echo "make demo     run the end-to-end demo (broker, coordinator, device)"
+	@echo "make test     run the whole test suite against real Mosquitto brokers"
+	@echo "make lint     ruff and mypy"
+	@echo "make vectors  regenerate firmware_bridge/vectors from the reference codecs"
+
+$(BIN)/python:
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 10))' || \
+	  { echo "EdgeSpeed needs Python 3.10 or newer ($(PYTHON) is older)"; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+
+$(DEPS): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	@touch $@
+
+# The tests start their own Mosquitto on free ports; they need its binary and clients.
+mosquitto:
+	@if { command -v mosquitto || test -x /usr/sbin/mosquitto; } >/dev/null && command -v mosquitto_pub >/dev/null; then \
+	  exit 0; \
+	elif command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto mosquitto-clients; \
+	elif command -v apt-get >/dev/null && command -v sudo >/dev/null && sudo -n true 2>/dev/null; then \
+	  sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto mosquitto-clients; \
+	elif command -v brew >/dev/null; then \
+	  brew install mosquitto; \
+	else \
+	  echo "The tests need Mosquitto. Install it, then run make test again:"; \
+	  echo "  Debian/Ubuntu: sudo apt-get install mosquitto mosquitto-clients"; \
+	  echo "  Fedora/RHEL:   sudo dnf install mosquitto"; \
+	  echo "  macOS:         brew install mosquitto"; \
+	  exit 1; \
+	fi
+
+demo: $(DEPS)
+	$(BIN)/edgespeed demo
+
+test: $(DEPS) mosquitto lint
+	$(BIN)/python -m pytest -q
+
+test-fast: $(DEPS)
+	$(BIN)/python -m pytest -q -m "not slow"
+
+lint: $(DEPS)
+	$(BIN)/ruff check edgespeed tests
+	$(BIN)/mypy
+
+vectors: $(DEPS)
+	$(BIN)/python -m edgespeed.protocol.vectors firmware_bridge/vectors
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis build *.egg-info

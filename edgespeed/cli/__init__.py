@@ -1,0 +1,1 @@
+"""The ``edgespeed`` command line: thin commands over the library."""
