@@ -50,7 +50,8 @@ test-fast: $(DEPS)
 	$(BIN)/python -m pytest -q -m "not slow"
 
 lint: $(DEPS)
-	$(BIN)/ruff check edgespeed tests
+	$(BIN)/ruff check edgespeed tests examples
+	$(BIN)/ruff format --check edgespeed tests examples
 	$(BIN)/mypy
 
 vectors: $(DEPS)

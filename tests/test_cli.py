@@ -11,14 +11,15 @@ from pathlib import Path
 
 import pytest
 
-from edgespeed.transport.broker import free_port, find_mosquitto
+from edgespeed.transport.broker import find_mosquitto, free_port
 
 EDGESPEED = [sys.executable, "-m", "edgespeed"]
 
 
 def run(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*EDGESPEED, *args], capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "COLUMNS": "120"})
+    return subprocess.run(
+        [*EDGESPEED, *args], capture_output=True, text=True, timeout=timeout, env={**os.environ, "COLUMNS": "120"}
+    )
 
 
 def test_help_lists_the_command_groups() -> None:
@@ -44,8 +45,12 @@ def test_broker_run_serves_the_stock_mosquitto_clients(backend: str, tmp_path: P
     if shutil.which("mosquitto_pub") is None:
         pytest.skip("mosquitto-clients are not installed (make test installs them)")
     port = free_port()
-    proc = subprocess.Popen([*EDGESPEED, "broker", "run", "--port", str(port), "--backend", backend],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [*EDGESPEED, "broker", "run", "--port", str(port), "--backend", backend],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         assert proc.stdout is not None
         banner = ""
@@ -57,11 +62,16 @@ def test_broker_run_serves_the_stock_mosquitto_clients(backend: str, tmp_path: P
             banner += line
         assert f"mqtt://127.0.0.1:{port}" in banner, banner
         topic = f"cli/{uuid.uuid4().hex}"
-        sub = subprocess.Popen(["mosquitto_sub", "-p", str(port), "-t", topic, "-C", "1", "-W", "20"],
-                               stdout=subprocess.PIPE, text=True)
+        sub = subprocess.Popen(
+            ["mosquitto_sub", "-p", str(port), "-t", topic, "-C", "1", "-W", "20"], stdout=subprocess.PIPE, text=True
+        )
         time.sleep(0.5)  # let the subscription land before publishing
-        pub = subprocess.run(["mosquitto_pub", "-p", str(port), "-t", topic, "-m", "hello edge", "-q", "1"],
-                             capture_output=True, text=True, timeout=20)
+        pub = subprocess.run(
+            ["mosquitto_pub", "-p", str(port), "-t", topic, "-m", "hello edge", "-q", "1"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+        )
         assert pub.returncode == 0, pub.stderr
         out, _ = sub.communicate(timeout=25)
         assert out.strip() == "hello edge"
