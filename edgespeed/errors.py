@@ -19,7 +19,14 @@ code, with the original kept as ``__cause__``::
     │   ├── TransportTimeoutError   an acknowledgement did not come in time
     │   ├── PublishRefusedError     the broker refused a publish
     │   └── TransportClosedError    the transport was closed or never opened
-    └── BrokerError                 the embedded broker failed to start or run
+    ├── BrokerError                 the embedded broker failed to start or run
+    └── SecurityError               a payload, key or file failed a security check
+        ├── UnknownPeerError        no valid fleet certificate for that id
+        ├── SealError               cannot open: tampered, wrong key, not sealed, wrong recipient
+        ├── ReplayError             a sequence already seen, or a message too old or from the future
+        ├── SignatureError          a missing, unknown or bad signature
+        ├── RollbackError           a model version not newer than the installed one
+        └── UnsafeFileError         a file that could run code or exceed limits when loaded
 
 Errors carry their context as attributes (``reason``, ``topic``, ...) so
 callers can act on them without parsing messages.
@@ -39,11 +46,18 @@ __all__ = [
     "PayloadTooLargeError",
     "ProtocolError",
     "PublishRefusedError",
+    "ReplayError",
+    "RollbackError",
+    "SealError",
+    "SecurityError",
+    "SignatureError",
     "TensorError",
     "TopicError",
     "TransportClosedError",
     "TransportError",
     "TransportTimeoutError",
+    "UnknownPeerError",
+    "UnsafeFileError",
 ]
 
 
@@ -137,3 +151,35 @@ class TransportClosedError(TransportError):
 
 class BrokerError(EdgeSpeedError):
     """The embedded broker could not be started or stopped."""
+
+
+class SecurityError(EdgeSpeedError):
+    """A payload, key or file failed a security check. ``reason`` is a short code."""
+
+    def __init__(self, message: str, *, reason: str = "refused") -> None:
+        self.reason = reason
+        super().__init__(message)
+
+
+class UnknownPeerError(SecurityError):
+    """No valid, unrevoked fleet certificate is known for this id."""
+
+
+class SealError(SecurityError):
+    """A sealed payload could not be opened: tampered, wrong key, unsealed or misaddressed."""
+
+
+class ReplayError(SecurityError):
+    """A message was seen before, is older than the allowed age, or comes from the future."""
+
+
+class SignatureError(SecurityError):
+    """A signature is missing, from an unknown or unauthorised signer, or does not verify."""
+
+
+class RollbackError(SecurityError):
+    """A model version is not newer than the one already installed."""
+
+
+class UnsafeFileError(SecurityError):
+    """A file would run code when loaded, or is over the size limit."""

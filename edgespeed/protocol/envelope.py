@@ -91,8 +91,12 @@ class Envelope:
         """Whether the body is ciphertext."""
         return bool(self.flags & FLAG_SEALED)
 
-    def header(self) -> bytes:
-        """The header bytes (everything before the body), for use as associated data."""
+    def header(self, body_length: int | None = None) -> bytes:
+        """The header bytes (everything before the body), for use as associated data.
+
+        ``body_length`` overrides ``len(body)``: a sealer builds the header of
+        the ciphertext it is about to produce.
+        """
         sender = self.sender.encode("ascii")
         recipient = self.recipient.encode("ascii")
         return b"".join(
@@ -111,7 +115,7 @@ class Envelope:
                 sender,
                 bytes((len(recipient),)),
                 recipient,
-                _BODY_LEN.pack(len(self.body)),
+                _BODY_LEN.pack(len(self.body) if body_length is None else body_length),
             )
         )
 

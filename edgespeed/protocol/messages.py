@@ -166,7 +166,9 @@ class BlobInfo:
 class ModelManifest:
     """A model version: its shards, pre/post-processing steps and variants.
 
-    ``signature`` is empty until the security layer signs the manifest.
+    ``keys`` holds the shards' content key wrapped for each device that may
+    load them (empty: shards are not encrypted). ``signer`` and ``signature``
+    are set by `edgespeed.security.signing.sign_manifest`.
     """
 
     model_id: str
@@ -175,6 +177,8 @@ class ModelManifest:
     shards: tuple[BlobInfo, ...]
     pipeline: tuple[dict[str, Any], ...] = ()
     variants: tuple[str, ...] = ()
+    keys: dict[str, bytes] = field(default_factory=dict)
+    signer: str = ""
     signature: bytes = b""
 
     def __post_init__(self) -> None:

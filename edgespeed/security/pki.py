@@ -2,7 +2,16 @@
 
 A certificate's common name is the identity's id (a device id, the
 coordinator's, or a broker's name), so brokers can map it to a username with
-``use_identity_as_username``. Keys are ECDSA P-256 and written with mode 0600.
+``use_identity_as_username``; its organizational unit is the role. TLS keys
+are ECDSA P-256. Besides its TLS key, every identity has an X25519 key for
+sealing payloads and an Ed25519 key for signatures; their public halves travel
+inside the certificate in the `PAYLOAD_KEYS_OID` extension, so the fleet CA
+vouches for them and nothing else can introduce a key. Private keys are
+written with mode 0600 and never logged.
+
+Files for an identity ``NAME``: ``NAME.crt``, ``NAME.key`` (TLS),
+``NAME.x25519.key`` and ``NAME.ed25519.key``. Revoked serial numbers are kept
+in the CA folder's ``crl.pem``.
 """
 
 from __future__ import annotations
@@ -17,16 +26,30 @@ from typing import Literal
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, x25519
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID, ObjectIdentifier
 
 from edgespeed.errors import ConfigError
 from edgespeed.protocol.topics import validate_id
 
-__all__ = ["FleetCA", "Identity", "Role", "create_ca", "issue_certificate", "load_ca"]
+__all__ = [
+    "PAYLOAD_KEYS_OID",
+    "FleetCA",
+    "Identity",
+    "Role",
+    "create_ca",
+    "issue_certificate",
+    "load_ca",
+    "load_identity",
+    "revoke_certificate",
+    "revoked_serials",
+]
 
 Role = Literal["device", "coordinator", "bridge", "broker"]
 _ROLES = ("device", "coordinator", "bridge", "broker")
+# A UUID-based OID (ITU-T X.667, arc 2.25), so no registration is needed.
+# Value: 32 bytes of X25519 public key, then 32 bytes of Ed25519 public key.
+PAYLOAD_KEYS_OID = ObjectIdentifier("2.25.203617407937514530063658372906402915155")
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +66,10 @@ class FleetCA:
     def key_file(self) -> Path:
         return self.directory / "ca.key"
 
+    @property
+    def crl_file(self) -> Path:
+        return self.directory / "crl.pem"
+
 
 @dataclass(frozen=True, slots=True)
 class Identity:
@@ -54,6 +81,34 @@ class Identity:
     key_file: Path
     ca_file: Path
 
+    @property
+    def seal_key_file(self) -> Path:
+        """The X25519 private key that opens payloads sealed for this identity."""
+        return self.key_file.with_name(f"{self.name}.x25519.key")
+
+    @property
+    def sign_key_file(self) -> Path:
+        """The Ed25519 private key this identity signs with."""
+        return self.key_file.with_name(f"{self.name}.ed25519.key")
+
+    def seal_key(self) -> x25519.X25519PrivateKey:
+        """Load the X25519 private key."""
+        key = serialization.load_pem_private_key(self.seal_key_file.read_bytes(), password=None)
+        if not isinstance(key, x25519.X25519PrivateKey):
+            raise ConfigError(f"{self.seal_key_file} is not an X25519 key")
+        return key
+
+    def sign_key(self) -> ed25519.Ed25519PrivateKey:
+        """Load the Ed25519 private key."""
+        key = serialization.load_pem_private_key(self.sign_key_file.read_bytes(), password=None)
+        if not isinstance(key, ed25519.Ed25519PrivateKey):
+            raise ConfigError(f"{self.sign_key_file} is not an Ed25519 key")
+        return key
+
+    def certificate(self) -> x509.Certificate:
+        """The identity's certificate."""
+        return x509.load_pem_x509_certificate(self.cert_file.read_bytes())
+
 
 def _write_private(path: Path, data: bytes) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -62,7 +117,7 @@ def _write_private(path: Path, data: bytes) -> None:
     os.chmod(path, 0o600)
 
 
-def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+def _key_pem(key: ec.EllipticCurvePrivateKey | x25519.X25519PrivateKey | ed25519.Ed25519PrivateKey) -> bytes:
     return key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
@@ -126,21 +181,23 @@ def issue_certificate(
     days: float = 30,
     hosts: Sequence[str] = (),
     not_before: dt.datetime | None = None,
+    keep_keys: bool = False,
 ) -> Identity:
-    """Issue a key and certificate for ``name`` signed by the fleet CA.
+    """Issue a certificate (and, unless ``keep_keys``, fresh keys) for ``name``.
 
     Args:
         ca: the fleet CA.
         name: the identity's id; becomes the common name.
         role: device, coordinator and bridge get client certificates; a broker
             gets a server certificate for ``hosts`` (DNS names or IP addresses).
-        out_dir: where to write ``<name>.crt`` and ``<name>.key``; the CA's folder by default.
-        days: validity; short by default, renew rather than extend.
+        out_dir: where to write the files; the CA's folder by default.
+        days: validity; short by default: renew rather than extend.
         not_before: start of validity (now by default).
+        keep_keys: reuse the keys already in ``out_dir`` (renewal).
 
     Raises:
         TopicError: ``name`` is not a valid id.
-        ConfigError: unknown role.
+        ConfigError: unknown role, or ``keep_keys`` without keys to keep.
     """
     validate_id(name, "identity name")
     if role not in _ROLES:
@@ -149,8 +206,22 @@ def issue_certificate(
     ca_cert = x509.load_pem_x509_certificate(ca.cert_file.read_bytes())
     if not isinstance(ca_key, ec.EllipticCurvePrivateKey):
         raise ConfigError("the fleet CA key must be an EC key")
-    key = ec.generate_private_key(ec.SECP256R1())
+    out = Path(out_dir) if out_dir is not None else ca.directory
+    out.mkdir(parents=True, exist_ok=True)
+    identity = Identity(name, role, out / f"{name}.crt", out / f"{name}.key", ca.cert_file)
+    if keep_keys:
+        if not identity.key_file.exists():
+            raise ConfigError(f"no keys of {name!r} in {out} to renew")
+        tls_key = serialization.load_pem_private_key(identity.key_file.read_bytes(), password=None)
+        if not isinstance(tls_key, ec.EllipticCurvePrivateKey):
+            raise ConfigError(f"{identity.key_file} is not an EC key")
+        seal_key, sign_key = identity.seal_key(), identity.sign_key()
+    else:
+        tls_key = ec.generate_private_key(ec.SECP256R1())
+        seal_key, sign_key = x25519.X25519PrivateKey.generate(), ed25519.Ed25519PrivateKey.generate()
     start = not_before or dt.datetime.now(dt.timezone.utc) - dt.timedelta(minutes=5)
+    raw = serialization.Encoding.Raw, serialization.PublicFormat.Raw
+    payload_keys = seal_key.public_key().public_bytes(*raw) + sign_key.public_key().public_bytes(*raw)
     builder = (
         x509.CertificateBuilder()
         .subject_name(
@@ -162,12 +233,13 @@ def issue_certificate(
             )
         )
         .issuer_name(ca_cert.subject)
-        .public_key(key.public_key())
+        .public_key(tls_key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(start)
         .not_valid_after(start + dt.timedelta(days=days))
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
+        .add_extension(x509.UnrecognizedExtension(PAYLOAD_KEYS_OID, payload_keys), critical=False)
     )
     if role == "broker":
         sans: list[x509.GeneralName] = []
@@ -182,9 +254,67 @@ def issue_certificate(
         usage = ExtendedKeyUsageOID.CLIENT_AUTH
     builder = builder.add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
     cert = builder.sign(ca_key, hashes.SHA256())
-    out = Path(out_dir) if out_dir is not None else ca.directory
-    out.mkdir(parents=True, exist_ok=True)
-    identity = Identity(name, role, out / f"{name}.crt", out / f"{name}.key", ca.cert_file)
-    _write_private(identity.key_file, _key_pem(key))
+    if not keep_keys:
+        _write_private(identity.key_file, _key_pem(tls_key))
+        _write_private(identity.seal_key_file, _key_pem(seal_key))
+        _write_private(identity.sign_key_file, _key_pem(sign_key))
     identity.cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     return identity
+
+
+def load_identity(directory: Path, name: str, *, ca_file: Path | None = None) -> Identity:
+    """The identity ``name`` whose files are in ``directory``.
+
+    Raises:
+        ConfigError: files missing, or the certificate names another identity.
+    """
+    directory = Path(directory)
+    cert_file = directory / f"{name}.crt"
+    if not cert_file.is_file():
+        raise ConfigError(f"no certificate for {name!r} in {directory}")
+    cert = x509.load_pem_x509_certificate(cert_file.read_bytes())
+    role = _attribute(cert, NameOID.ORGANIZATIONAL_UNIT_NAME)
+    if _attribute(cert, NameOID.COMMON_NAME) != name or role not in _ROLES:
+        raise ConfigError(f"{cert_file} is not a certificate of {name!r}")
+    return Identity(name, role, cert_file, directory / f"{name}.key", ca_file or directory / "ca.crt")  # type: ignore[arg-type]
+
+
+def _attribute(cert: x509.Certificate, oid: ObjectIdentifier) -> str:
+    values = cert.subject.get_attributes_for_oid(oid)
+    return str(values[0].value) if values else ""
+
+
+def revoke_certificate(ca: FleetCA, cert_file: Path) -> int:
+    """Add a certificate to the fleet's revocation list; returns its serial number.
+
+    Brokers load ``crl.pem`` (Mosquitto's ``crlfile``) and key directories refuse
+    revoked certificates.
+    """
+    cert = x509.load_pem_x509_certificate(Path(cert_file).read_bytes())
+    revoked = revoked_serials(ca)
+    revoked.add(cert.serial_number)
+    ca_key = serialization.load_pem_private_key(ca.key_file.read_bytes(), password=None)
+    ca_cert = x509.load_pem_x509_certificate(ca.cert_file.read_bytes())
+    if not isinstance(ca_key, ec.EllipticCurvePrivateKey):
+        raise ConfigError("the fleet CA key must be an EC key")
+    now = dt.datetime.now(dt.timezone.utc)
+    builder = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(ca_cert.subject)
+        .last_update(now)
+        .next_update(now + dt.timedelta(days=7))
+    )
+    for serial in sorted(revoked):
+        builder = builder.add_revoked_certificate(
+            x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(now).build()
+        )
+    ca.crl_file.write_bytes(builder.sign(ca_key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM))
+    return cert.serial_number
+
+
+def revoked_serials(ca: FleetCA) -> set[int]:
+    """Serial numbers on the fleet's revocation list."""
+    if not ca.crl_file.exists():
+        return set()
+    crl = x509.load_pem_x509_crl(ca.crl_file.read_bytes())
+    return {entry.serial_number for entry in crl}

@@ -18,6 +18,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import TracebackType
@@ -25,6 +26,7 @@ from typing import Any, Literal
 
 from edgespeed._compat import Self, timeout
 from edgespeed.errors import BrokerError, ConfigError, MissingDependencyError
+from edgespeed.protocol.topics import validate_id
 
 __all__ = [
     "BrokerSettings",
@@ -32,6 +34,8 @@ __all__ = [
     "EmbeddedBroker",
     "find_mosquitto",
     "free_port",
+    "production_settings",
+    "render_acl",
     "render_mosquitto_config",
 ]
 
@@ -65,6 +69,7 @@ class BrokerTls:
     key_file: Path
     require_certificate: bool = True
     use_identity_as_username: bool = True
+    crl_file: Path | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,10 +147,84 @@ def render_mosquitto_config(settings: BrokerSettings, *, log_file: Path | None =
             f"require_certificate {'true' if t.require_certificate else 'false'}",
             f"use_identity_as_username {'true' if t.use_identity_as_username else 'false'}",
         ]
+        if t.crl_file is not None:
+            lines.append(f"crlfile {t.crl_file}")
     if settings.websocket_port is not None:
         lines += ["", f"listener {settings.websocket_port} {settings.host}", "protocol websockets"]
     lines += list(settings.extra)
     return "\n".join(lines) + "\n"
+
+
+def render_acl(fleet: str, *, coordinators: Sequence[str], auditors: Sequence[str] = ()) -> str:
+    """A Mosquitto ACL for one fleet; usernames are certificate common names.
+
+    A device reads its inbox, the coordinator state and the broadcasts; it
+    writes its own birth, death, heartbeats and coordinator inbox, and the
+    inboxes of other devices (to forward activations of a split model: those
+    bodies are sealed, so a forwarder cannot pose as anyone else).
+    Coordinators read and write the whole fleet; auditors only read.
+    """
+    validate_id(fleet, "fleet")
+    root = f"es/1/{fleet}"
+    lines = [
+        f"# EdgeSpeed ACL for fleet {fleet!r}. Usernames are certificate common names (%u).",
+        "# Patterns apply to every client.",
+        f"pattern read {root}/dev/%u/in",
+        f"pattern write {root}/dev/+/in",
+        f"pattern write {root}/dev/%u/birth",
+        f"pattern write {root}/dev/%u/death",
+        f"pattern write {root}/dev/%u/hb",
+        f"pattern write {root}/coord/in/%u",
+        f"pattern read {root}/coord/state",
+        f"pattern read {root}/bcast/#",
+    ]
+    for name in coordinators:
+        lines += ["", f"user {validate_id(name, 'coordinator id')}", f"topic readwrite {root}/#"]
+    for name in auditors:
+        lines += ["", f"user {validate_id(name, 'auditor id')}", "topic read #"]
+    return "\n".join(lines) + "\n"
+
+
+def production_settings(
+    pki_dir: Path,
+    *,
+    fleet: str,
+    coordinators: Sequence[str],
+    out_dir: Path,
+    host: str = "0.0.0.0",  # noqa: S104 - a fleet broker serves the network
+    tls_port: int = 8883,
+    data_dir: Path | None = None,
+    broker_name: str = "broker",
+    auditors: Sequence[str] = (),
+) -> BrokerSettings:
+    """Settings for a fleet's broker: mutual TLS only, the fleet ACL, persistence, revocations.
+
+    Writes the ACL into ``out_dir``. ``pki_dir`` holds ``ca.crt``, the broker's
+    ``<broker_name>.crt``/``.key`` and, once something was revoked, ``crl.pem``.
+    """
+    pki_dir, out_dir = Path(pki_dir), Path(out_dir)
+    for needed in ("ca.crt", f"{broker_name}.crt", f"{broker_name}.key"):
+        if not (pki_dir / needed).is_file():
+            raise ConfigError(f"{pki_dir / needed} is missing (create it with 'edgespeed certs')")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    acl = out_dir / "acl"
+    acl.write_text(render_acl(fleet, coordinators=coordinators, auditors=auditors))
+    crl = pki_dir / "crl.pem"
+    return BrokerSettings(
+        host=host,
+        port=None,
+        tls=BrokerTls(
+            pki_dir / "ca.crt",
+            pki_dir / f"{broker_name}.crt",
+            pki_dir / f"{broker_name}.key",
+            crl_file=crl if crl.is_file() else None,
+        ),
+        tls_port=tls_port,
+        data_dir=data_dir or out_dir / "data",
+        acl_file=acl,
+        allow_anonymous=False,
+        backend="mosquitto",
+    )
 
 
 class EmbeddedBroker:
