@@ -8,13 +8,36 @@ import signal
 from pathlib import Path
 
 import typer
-from rich.console import Console
 
+from edgespeed.cli._common import console, fail
 from edgespeed.errors import EdgeSpeedError
 from edgespeed.transport import BrokerSettings, BrokerTls, EmbeddedBroker
+from edgespeed.transport.broker import production_settings, render_mosquitto_config
 
 app = typer.Typer(help="Run the zero-setup MQTT broker (Mosquitto when installed, else amqtt).", no_args_is_help=True)
-console = Console()
+
+
+@app.command("config")
+def config(
+    pki: Path = typer.Option(..., help="The fleet's PKI folder: ca.crt, broker.crt, broker.key (crl.pem if any)."),
+    out: Path = typer.Option(..., help="Where to write mosquitto.conf and acl."),
+    fleet: str = typer.Option(..., help="The fleet's id."),
+    coordinator: list[str] = typer.Option(["coord"], help="Coordinator ids (full rights on the fleet)."),
+    host: str = typer.Option("0.0.0.0", help="Address to listen on."),  # noqa: S104
+    tls_port: int = typer.Option(8883, help="TLS port."),
+    data_dir: Path | None = typer.Option(None, help="Persistence folder (default: OUT/data)."),
+) -> None:
+    """Render the production Mosquitto config: mutual TLS only, per-device ACLs, persistence."""
+    try:
+        settings = production_settings(
+            pki, fleet=fleet, coordinators=coordinator, out_dir=out, host=host, tls_port=tls_port, data_dir=data_dir
+        )
+    except EdgeSpeedError as exc:
+        raise fail(exc) from None
+    conf = out / "mosquitto.conf"
+    conf.write_text(render_mosquitto_config(settings))
+    console.print(f"[green]wrote[/] {conf} and {settings.acl_file}")
+    console.print(f"run it with: mosquitto -c {conf}", style="dim")
 
 
 @app.command("run")
@@ -28,8 +51,27 @@ def run(
     cert: Path | None = typer.Option(None, help="The broker's certificate."),
     key: Path | None = typer.Option(None, help="The broker's private key."),
     no_plain: bool = typer.Option(False, "--no-plain", help="Serve TLS only."),
+    pki: Path | None = typer.Option(None, help="Run the fleet's production config from this PKI folder."),
+    fleet: str | None = typer.Option(None, help="With --pki: the fleet's id."),
+    coordinator: list[str] = typer.Option(["coord"], help="With --pki: coordinator ids."),
 ) -> None:
     """Start a broker in the foreground until Ctrl-C."""
+    if pki is not None:
+        if fleet is None:
+            raise typer.BadParameter("--pki needs --fleet")
+        try:
+            settings = production_settings(
+                pki,
+                fleet=fleet,
+                coordinators=coordinator,
+                host=host,
+                tls_port=tls_port,
+                out_dir=data_dir or Path(".edgespeed") / "broker",
+            )
+            asyncio.run(_serve(settings))
+        except EdgeSpeedError as exc:
+            raise fail(exc) from None
+        return
     tls = None
     if any((ca, cert, key)):
         if not all((ca, cert, key)):
@@ -47,8 +89,7 @@ def run(
         )
         asyncio.run(_serve(settings))
     except EdgeSpeedError as exc:
-        console.print(f"[red]error:[/] {exc}")
-        raise typer.Exit(1) from None
+        raise fail(exc) from None
 
 
 async def _serve(settings: BrokerSettings) -> None:

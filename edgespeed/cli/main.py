@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.logging import RichHandler
 
 from edgespeed import __version__
-from edgespeed.cli import broker, demo
+from edgespeed.cli import broker, certs, demo
 
 app = typer.Typer(
     name="edgespeed",
@@ -19,6 +19,7 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 app.add_typer(broker.app, name="broker")
+app.add_typer(certs.app, name="certs")
 app.command("demo")(demo.demo)
 
 console = Console()

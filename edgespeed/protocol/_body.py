@@ -33,7 +33,7 @@ def encode_body(message: object) -> bytes:
     return msgpack.packb(_to_plain(message), use_bin_type=True)  # type: ignore[no-any-return]
 
 
-def decode_body(cls: type[T], data: bytes | memoryview) -> T:
+def decode_body(cls: type[T], data: bytes | bytearray | memoryview) -> T:
     """Decode ``data`` as an instance of the message dataclass ``cls``.
 
     Raises:

@@ -22,6 +22,7 @@ Correlation travels here, not in MQTT 5 properties, so MQTT 3.1.1 brokers work.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import struct
 import time
@@ -39,6 +40,7 @@ __all__ = [
     "MAGIC",
     "VERSION",
     "decode_envelope",
+    "decode_header",
     "encode_envelope",
     "new_message_id",
     "open_message",
@@ -134,6 +136,16 @@ def decode_envelope(data: bytes | bytearray | memoryview, *, max_size: int = DEF
             length past the end, or trailing bytes.
         TopicError: sender or recipient is not a valid id.
     """
+    envelope, offset = decode_header(data, max_size=max_size)
+    return dataclasses.replace(envelope, body=bytes(memoryview(data)[offset:]))
+
+
+def decode_header(data: bytes | bytearray | memoryview, *, max_size: int = DEFAULT_MAX_PAYLOAD) -> tuple[Envelope, int]:
+    """Validate a whole envelope but copy nothing: returns it with an empty body, and the body's offset.
+
+    Raises:
+        The same errors as `decode_envelope`.
+    """
     size = len(data)
     if size > max_size:
         raise PayloadTooLargeError(size, max_size, what="envelope")
@@ -159,17 +171,18 @@ def decode_envelope(data: bytes | bytearray | memoryview, *, max_size: int = DEF
         raise DecodeError(f"{size - pos - body_len} trailing bytes after the body", reason="trailing")
     if not sender:
         raise DecodeError("empty sender", reason="bad_header")
-    return Envelope(
+    envelope = Envelope(
         kind=MessageKind(kind),
         sender=sender,
         recipient=recipient,
-        body=bytes(view[pos:]),
+        body=b"",
         sequence=sequence,
         timestamp_ms=ts,
         message_id=mid,
         correlation_id=cid,
         flags=flags,
     )
+    return envelope, pos
 
 
 def _read_id(view: memoryview, pos: int, what: str) -> tuple[str, int]:

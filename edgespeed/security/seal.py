@@ -21,6 +21,7 @@ opens recorded traffic of its epochs; ephemeral key announcements would fix it.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import struct
 import time
@@ -35,7 +36,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from edgespeed.errors import ReplayError, SealError
 from edgespeed.protocol._body import decode_body, encode_body
-from edgespeed.protocol.envelope import DEFAULT_MAX_PAYLOAD, FLAG_SEALED, Envelope, decode_envelope, new_message_id
+from edgespeed.protocol.envelope import DEFAULT_MAX_PAYLOAD, FLAG_SEALED, Envelope, decode_header, new_message_id
 from edgespeed.protocol.messages import Message, MessageKind, kind_of, message_class
 from edgespeed.protocol.topics import validate_id
 from edgespeed.security.keys import KeyDirectory
@@ -122,7 +123,7 @@ class Sealer:
         recipient: str,
         correlation_id: bytes = bytes(16),
         message_id: bytes | None = None,
-    ) -> bytes:
+    ) -> bytearray:
         """An envelope with ``message`` sealed for ``recipient``.
 
         Raises:
@@ -145,18 +146,29 @@ class Sealer:
         )
         header = envelope.header(body_length=len(body) + _OVERHEAD)
         nonce = os.urandom(_NONCE)
-        ciphertext = self._aead(self.identity, recipient, epoch).encrypt(nonce, body, header)
-        return b"".join((header, _EPOCH.pack(epoch), nonce, ciphertext))
+        # One buffer, encrypted in place: a 1 MiB body is not copied again.
+        out = bytearray(len(header) + _OVERHEAD + len(body))
+        at = len(header)
+        out[:at] = header
+        out[at : at + _EPOCH.size] = _EPOCH.pack(epoch)
+        out[at + _EPOCH.size : at + _EPOCH.size + _NONCE] = nonce
+        self._aead(self.identity, recipient, epoch).encrypt_into(
+            nonce, body, header, memoryview(out)[at + _EPOCH.size + _NONCE :]
+        )
+        return out
 
     def open(
         self,
-        payload: bytes,
+        payload: bytes | bytearray,
         *,
         topic_sender: str | None = None,
         allow_plain: Collection[MessageKind] = (),
         max_size: int = DEFAULT_MAX_PAYLOAD,
     ) -> tuple[Envelope, Message]:
         """Open a sealed envelope addressed to us.
+
+        The returned envelope's body is left empty when it was sealed: the
+        opened message beside it is what the body held.
 
         Args:
             payload: the MQTT payload.
@@ -172,14 +184,18 @@ class Sealer:
             ReplayError: replayed, stale or from the future.
             UnknownPeerError: the sender has no valid certificate.
         """
-        envelope = decode_envelope(payload, max_size=max_size)
+        envelope, offset = decode_header(payload, max_size=max_size)
         if topic_sender is not None and envelope.sender != topic_sender:
             raise SealError(
                 f"sender {envelope.sender!r} does not match the topic's {topic_sender!r}", reason="sender_mismatch"
             )
         if not envelope.sealed:
             if envelope.kind in allow_plain:
-                return envelope, decode_body(message_class(envelope.kind), envelope.body)
+                body_bytes = bytes(memoryview(payload)[offset:])
+                return (
+                    dataclasses.replace(envelope, body=body_bytes),
+                    decode_body(message_class(envelope.kind), body_bytes),
+                )
             raise SealError(f"{envelope.kind.name} from {envelope.sender!r} is not sealed", reason="unsealed")
         if envelope.recipient != self.identity:
             raise SealError(f"sealed for {envelope.recipient!r}, not for us", reason="wrong_recipient")
@@ -188,17 +204,20 @@ class Sealer:
             raise ReplayError(f"message from {envelope.sender!r} is older than the allowed age", reason="stale")
         if envelope.timestamp_ms - now_ms > self._max_skew_ms:
             raise ReplayError(f"message from {envelope.sender!r} is dated in the future", reason="future")
-        body = envelope.body
+        view = memoryview(payload)
+        body = view[offset:]
         if len(body) < _OVERHEAD:
             raise SealError("sealed body too short", reason="truncated")
         (epoch,) = _EPOCH.unpack_from(body, 0)
         current = self._epoch(now_ms / 1000)
         if epoch not in (current, (current - 1) & 0xFFFFFFFF, (current + 1) & 0xFFFFFFFF):
             raise SealError(f"key epoch {epoch} is not current", reason="stale_key")
-        nonce = body[_EPOCH.size : _EPOCH.size + _NONCE]
+        nonce = bytes(body[_EPOCH.size : _EPOCH.size + _NONCE])
+        plaintext = bytearray(len(body) - _OVERHEAD)
         try:
-            plaintext = self._aead(envelope.sender, self.identity, epoch).decrypt(
-                nonce, body[_EPOCH.size + _NONCE :], envelope.header()
+            # The associated data is the header exactly as received.
+            self._aead(envelope.sender, self.identity, epoch).decrypt_into(
+                nonce, body[_EPOCH.size + _NONCE :], view[:offset], plaintext
             )
         except InvalidTag:
             raise SealError(

@@ -135,7 +135,7 @@ class Transport(abc.ABC):
         """Whether a broker connection is up right now."""
 
     @abc.abstractmethod
-    async def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> None:
+    async def publish(self, topic: str, payload: bytes | bytearray, *, qos: int = 1, retain: bool = False) -> None:
         """Publish and, for QoS 1 and 2, wait until the broker acknowledged it.
 
         Raises:

@@ -101,7 +101,7 @@ class MemoryTransport(Transport):
                 f"subscriber {self.client_id!r} did not take messages for {timeout}s (queue full)"
             ) from None
 
-    async def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> None:
+    async def publish(self, topic: str, payload: bytes | bytearray, *, qos: int = 1, retain: bool = False) -> None:
         self._check_open()
         validate_topic(topic)
         if qos not in (0, 1, 2):

@@ -495,7 +495,7 @@ class MqttTransport(Transport):
 
     # -- publishing --------------------------------------------------------
 
-    async def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> None:
+    async def publish(self, topic: str, payload: bytes | bytearray, *, qos: int = 1, retain: bool = False) -> None:
         self._check_open()
         validate_topic(topic)
         if qos not in (0, 1, 2):

@@ -1,0 +1,148 @@
+"""Benchmark `seal`: goodput of 1 MiB payloads sealed and opened, against the same payloads unsealed.
+
+Both sides stream Result messages carrying 1 MiB through a local Mosquitto
+(plain TCP, so TLS costs hide nothing) from one transport to another, with
+QoS 1 and up to 16 publishes in flight. Ours seals each message for the
+receiver and opens it on arrival (AES-256-GCM, replay window on disk); the
+baseline packs and opens it in clear. Rounds alternate between the two, so
+machine noise hits both alike; medians are reported. The ratio is
+ours / baseline goodput, higher is better; BENCHMARKS.md's goal is >= 0.9.
+
+A second entry, ``seal-codec``, times the same work without the broker, for
+context: it bounds what sealing costs per byte on this CPU.
+
+Run: python bench/seal.py [--rounds N] [--messages N] [--json PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from edgespeed.protocol import topics
+from edgespeed.protocol.envelope import open_message, pack_message
+from edgespeed.protocol.messages import Result
+from edgespeed.security import KeyDirectory, ReplayGuard, Sealer, create_ca, issue_certificate
+from edgespeed.transport import EmbeddedBroker, MqttConfig, MqttTransport
+
+SIZE = 1024 * 1024
+
+
+def entry(name: str, ours: float, baseline: float, goal: float) -> dict[str, Any]:
+    ratio = ours / baseline
+    return {
+        "name": name,
+        "ours": round(ours, 1),
+        "baseline": round(baseline, 1),
+        "unit": "MB/s",
+        "ratio": round(ratio, 3),
+        "ratio_kind": "ours/baseline, higher is better",
+        "goal": f">= {goal}",
+        "meets": ratio >= goal,
+    }
+
+
+async def stream(
+    sender: MqttTransport,
+    receiver: MqttTransport,
+    topic: str,
+    count: int,
+    make: Callable[[], bytes | bytearray],
+    take: Callable[[bytes], object],
+) -> float:
+    """Seconds to move ``count`` payloads from ``sender`` to ``receiver``, opened on arrival."""
+    slots = asyncio.Semaphore(16)
+
+    async def send() -> None:
+        async def one() -> None:
+            async with slots:
+                await sender.publish(topic, make())
+
+        await asyncio.gather(*(one() for _ in range(count)))
+
+    async def receive() -> None:
+        got = 0
+        async for message in receiver.messages():
+            take(message.payload)
+            got += 1
+            if got == count:
+                return
+
+    start = time.perf_counter()
+    await asyncio.gather(send(), receive())
+    return time.perf_counter() - start
+
+
+async def run(rounds: int, messages: int) -> list[dict[str, Any]]:
+    with tempfile.TemporaryDirectory() as tmp:
+        ca = create_ca(Path(tmp) / "pki")
+        ids = {n: issue_certificate(ca, n) for n in ("coord", "dev-1")}
+        keys = KeyDirectory(ca.cert_file)
+        keys.add_directory(ca.directory)
+        sealer = Sealer("coord", ids["coord"].seal_key(), keys, replay=None)
+        opener = Sealer("dev-1", ids["dev-1"].seal_key(), keys, replay=ReplayGuard(Path(tmp) / "replay.db"))
+        message = Result("t-1", 0, (os.urandom(SIZE),))
+
+        def sealed() -> bytearray:
+            return sealer.seal(message, recipient="dev-1")
+
+        def plain() -> bytes:
+            return pack_message(message, sender="coord", recipient="dev-1")
+
+        sides: dict[str, tuple[Callable[[], Any], Callable[[bytes], Any]]] = {
+            "ours": (sealed, opener.open),
+            "baseline": (plain, open_message),
+        }
+        async with EmbeddedBroker() as broker:
+            cfg = dict(max_packet_size=4 * SIZE, queue_size=64)
+            async with (
+                MqttTransport(MqttConfig(broker.url, "bench-tx", **cfg)) as tx,
+                MqttTransport(  # type: ignore[arg-type]
+                    MqttConfig(broker.url, "bench-rx", **cfg)  # type: ignore[arg-type]
+                ) as rx,
+            ):
+                topic = topics.device_inbox("bench", "dev-1")
+                await rx.subscribe(topic)
+                net: dict[str, list[float]] = {"ours": [], "baseline": []}
+                for _ in range(rounds):
+                    for name, (make, take) in sides.items():
+                        seconds = await stream(tx, rx, topic, messages, make, take)
+                        net[name].append(messages * SIZE / seconds / 1e6)
+        cpu: dict[str, list[float]] = {"ours": [], "baseline": []}
+        for _ in range(rounds):
+            for name, (make, take) in sides.items():
+                start = time.perf_counter()
+                for _ in range(messages):
+                    take(make())
+                cpu[name].append(messages * SIZE / (time.perf_counter() - start) / 1e6)
+    med = {k: statistics.median(v) for k, v in net.items()}
+    cmed = {k: statistics.median(v) for k, v in cpu.items()}
+    return [
+        entry("seal", med["ours"], med["baseline"], 0.9),
+        {**entry("seal-codec", cmed["ours"], cmed["baseline"], 0.0), "goal": "context only"},
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--messages", type=int, default=64)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    results = asyncio.run(run(args.rounds, args.messages))
+    for result in results:
+        print(json.dumps(result))
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()

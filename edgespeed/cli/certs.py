@@ -1,0 +1,116 @@
+"""``edgespeed certs``: the fleet CA and its identities."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+from typing import cast
+
+import typer
+from rich.table import Table
+
+from edgespeed.cli._common import console, fail
+from edgespeed.errors import EdgeSpeedError
+from edgespeed.security.pki import (
+    Role,
+    create_ca,
+    issue_certificate,
+    load_ca,
+    load_identity,
+    revoke_certificate,
+    revoked_serials,
+)
+
+app = typer.Typer(help="Create the fleet CA; issue, renew, revoke and list identities.", no_args_is_help=True)
+DIR = typer.Option(..., "--dir", help="The fleet's PKI folder (holds ca.crt and ca.key).")
+ROLES = "device, coordinator, bridge or broker"
+
+
+@app.command("init")
+def init(
+    directory: Path = DIR,
+    fleet: str = typer.Option("edgespeed", help="The fleet's id."),
+    days: int = typer.Option(3650, min=1, help="Validity of the CA."),
+) -> None:
+    """Create a fleet CA in DIR (ca.crt, and ca.key with mode 0600)."""
+    try:
+        ca = create_ca(directory, fleet=fleet, days=days)
+    except EdgeSpeedError as exc:
+        raise fail(exc) from None
+    console.print(f"[green]fleet CA created:[/] {ca.cert_file}")
+    console.print("Keep ca.key offline once identities are issued.", style="dim")
+
+
+@app.command("issue")
+def issue(
+    name: str = typer.Argument(..., help="The identity's id, e.g. a device id; becomes the certificate's CN."),
+    role: str = typer.Option("device", help=f"One of {ROLES}."),
+    directory: Path = DIR,
+    out: Path | None = typer.Option(None, help="Where to write the files (default: the PKI folder)."),
+    days: float = typer.Option(30, min=0.01, help="Validity; short by default, renew before it ends."),
+    host: list[str] = typer.Option([], help="For a broker: DNS names or IPs it is reached at (repeatable)."),
+) -> None:
+    """Issue a certificate, a TLS key, and the sealing and signing keys of NAME."""
+    try:
+        ident = issue_certificate(
+            load_ca(directory),
+            name,
+            role=cast(Role, role),  # checked by issue_certificate
+            out_dir=out,
+            days=days,
+            hosts=host,
+        )
+    except EdgeSpeedError as exc:
+        raise fail(exc) from None
+    console.print(f"[green]issued {role} {name}:[/] {ident.cert_file}")
+    console.print(f"  keys (0600): {ident.key_file.name}, {ident.seal_key_file.name}, {ident.sign_key_file.name}")
+
+
+@app.command("renew")
+def renew(
+    name: str = typer.Argument(..., help="The identity to renew."),
+    directory: Path = DIR,
+    days: float = typer.Option(30, min=0.01, help="New validity from now."),
+) -> None:
+    """Issue a fresh certificate for NAME with the same keys."""
+    try:
+        current = load_identity(directory, name)
+        ident = issue_certificate(
+            load_ca(directory), name, role=current.role, days=days, keep_keys=True, out_dir=directory
+        )
+    except EdgeSpeedError as exc:
+        raise fail(exc) from None
+    expires = ident.certificate().not_valid_after_utc
+    console.print(f"[green]renewed {name}[/] until {expires:%Y-%m-%d %H:%M} UTC")
+
+
+@app.command("revoke")
+def revoke(name: str = typer.Argument(..., help="The identity to revoke."), directory: Path = DIR) -> None:
+    """Put NAME's certificate on the fleet's revocation list (crl.pem); reload brokers after."""
+    try:
+        serial = revoke_certificate(load_ca(directory), load_identity(directory, name).cert_file)
+    except EdgeSpeedError as exc:
+        raise fail(exc) from None
+    console.print(f"[yellow]revoked {name}[/] (serial {serial:x}); restart or reload brokers to apply")
+
+
+@app.command("list")
+def list_(directory: Path = DIR) -> None:
+    """List the identities in DIR with role, expiry and revocation."""
+    try:
+        ca = load_ca(directory)
+    except EdgeSpeedError as exc:
+        raise fail(exc) from None
+    revoked = revoked_serials(ca)
+    now = dt.datetime.now(dt.timezone.utc)
+    table = Table("id", "role", "expires (UTC)", "state")
+    for path in sorted(directory.glob("*.crt")):
+        if path.name == "ca.crt":
+            continue
+        ident = load_identity(directory, path.stem)
+        cert = ident.certificate()
+        end = cert.not_valid_after_utc
+        state = "revoked" if cert.serial_number in revoked else "expired" if end < now else "valid"
+        style = {"valid": "green", "expired": "red", "revoked": "yellow"}[state]
+        table.add_row(ident.name, ident.role, f"{end:%Y-%m-%d %H:%M}", f"[{style}]{state}[/]")
+    console.print(table)
