@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 DEPS   := $(VENV)/.deps-installed
 
-.PHONY: demo test test-fast lint vectors mosquitto clean help
+.PHONY: demo test test-fast test-fuzz lint vectors mosquitto clean help
 
 help:
 	@echo "make demo     run the end-to-end demo (broker, coordinator, device)"
@@ -45,6 +45,9 @@ demo: $(DEPS)
 
 test: $(DEPS) mosquitto lint
 	$(BIN)/python -m pytest -q
+
+test-fuzz: $(DEPS)
+	HYPOTHESIS_PROFILE=long $(BIN)/python -m pytest -q -m fuzz
 
 test-fast: $(DEPS)
 	$(BIN)/python -m pytest -q -m "not slow"

@@ -2,17 +2,25 @@
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 from edgespeed.security import FleetCA, Identity, create_ca, issue_certificate
 from edgespeed.transport import BrokerSettings, BrokerTls, EmbeddedBroker, MqttConfig, TlsConfig, find_mosquitto
 
 ROOT = Path(__file__).resolve().parent.parent
+
+# The fuzz targets are the property tests on every decoder. CI runs them with a
+# modest budget; a long run selects more: HYPOTHESIS_PROFILE=long make test-fuzz.
+settings.register_profile("ci", deadline=None, max_examples=200, suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("long", deadline=None, max_examples=200_000, suppress_health_check=list(HealthCheck))
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,8 @@ import random
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from edgespeed.errors import BlobError, ConfigError
 from edgespeed.protocol.blob import BlobAssembler, BlobSource
@@ -134,3 +136,29 @@ def test_unsafe_names_are_refused(name: str) -> None:
 def test_bad_settings() -> None:
     with pytest.raises(ConfigError):
         BlobSource("b", b"x", chunk_size=0)
+
+
+@pytest.mark.fuzz
+@given(
+    offset=st.integers(0, 2**64 - 1),
+    data=st.binary(max_size=1500),
+    digest=st.binary(min_size=32, max_size=32),
+    blob_id=st.sampled_from(["b", "c"]),
+)
+def test_assembler_survives_arbitrary_chunks(
+    tmp_path_factory,
+    offset: int,
+    data: bytes,
+    digest: bytes,  # type: ignore[no-untyped-def]
+    blob_id: str,
+) -> None:
+    source = BlobSource("b", DATA, chunk_size=1000)
+    asm = BlobAssembler(source.info, tmp_path_factory.mktemp("fuzz") / "out", window=4)
+    asm.requests(now=0.0)
+    try:
+        asm.accept(Chunk(blob_id, offset, data, digest))
+    except BlobError:
+        pass
+    finally:
+        asm.close()
+    assert asm.committed in (0, 1000)

@@ -87,8 +87,10 @@ def test_broker_run_refuses_half_a_tls_setup() -> None:
     assert "--ca, --cert and --key go together" in result.stdout + result.stderr
 
 
-def test_demo_runs_and_every_task_is_correct() -> None:
-    result = run("demo", "--tasks", "16", timeout=120)
+@pytest.mark.parametrize("broker", ["auto", "amqtt"])
+def test_demo_runs_and_every_task_is_correct(broker: str) -> None:
+    result = run("demo", "--tasks", "16", "--broker", broker, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "demo: 16/16 tasks ok" in result.stdout
-    assert "SHA-256 verified" in result.stdout
+    assert "SHA-256 verified" in result.stdout and "verified, signed by coord" in result.stdout
+    assert "Traceback" not in result.stdout + result.stderr

@@ -2,7 +2,7 @@ import struct
 
 import msgpack
 import pytest
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from edgespeed.errors import DecodeError, PayloadTooLargeError, ProtocolError, TopicError
@@ -161,6 +161,7 @@ def test_semantic_checks_run_on_decode() -> None:
 ids = st.from_regex(r"[a-z0-9][a-z0-9-]{0,62}", fullmatch=True)
 
 
+@pytest.mark.fuzz
 @given(
     sender=ids,
     recipient=st.one_of(st.just(""), ids),
@@ -179,7 +180,7 @@ def test_envelope_round_trip_property(
     assert decode_envelope(encode_envelope(env)) == env
 
 
-@settings(max_examples=400)
+@pytest.mark.fuzz
 @given(st.binary(max_size=200))
 def test_garbage_only_ever_raises_protocol_errors(data: bytes) -> None:
     try:
@@ -188,7 +189,7 @@ def test_garbage_only_ever_raises_protocol_errors(data: bytes) -> None:
         pass
 
 
-@settings(max_examples=300)
+@pytest.mark.fuzz
 @given(st.data())
 def test_bit_flips_never_crash_the_decoder(data: st.DataObject) -> None:
     message = data.draw(st.sampled_from(SAMPLES))

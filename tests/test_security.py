@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from edgespeed.errors import (
@@ -208,7 +208,7 @@ def test_keys_rotate_across_epochs(pki: Pki, directory: KeyDirectory, clock: Clo
         dev.open(early)
 
 
-@settings(max_examples=300)
+@pytest.mark.fuzz
 @given(st.binary(max_size=300))
 def test_sealed_open_survives_garbage(data: bytes) -> None:
     from cryptography.hazmat.primitives.asymmetric import x25519

@@ -4,7 +4,7 @@ import lz4.block
 import numpy as np
 import pytest
 import zstandard
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
@@ -131,6 +131,7 @@ def test_nonfinite_int8_scales_are_refused() -> None:
         decode_tensor(bytes(data))
 
 
+@pytest.mark.fuzz
 @given(
     hnp.arrays(
         dtype=st.sampled_from([np.float32, np.int64, np.uint8, np.float16]),
@@ -143,7 +144,7 @@ def test_round_trip_property(array: np.ndarray, compression: Compression) -> Non
     np.testing.assert_array_equal(decoded, array)
 
 
-@settings(max_examples=400)
+@pytest.mark.fuzz
 @given(st.binary(max_size=120))
 def test_garbage_only_ever_raises_protocol_errors(data: bytes) -> None:
     try:

@@ -51,6 +51,7 @@ def test_unknown_topics_are_refused(topic: str) -> None:
         topics.parse_topic(topic)
 
 
+@pytest.mark.fuzz
 @given(st.text(max_size=80))
 def test_any_string_is_a_valid_id_or_a_topic_error(value: str) -> None:
     try:
@@ -61,6 +62,7 @@ def test_any_string_is_a_valid_id_or_a_topic_error(value: str) -> None:
     assert topics.parse_topic(topic).id == value
 
 
+@pytest.mark.fuzz
 @given(st.text(max_size=200))
 def test_parse_topic_never_crashes(topic: str) -> None:
     try:

@@ -13,7 +13,10 @@ from edgespeed.demo import run_demo
 console = Console()
 
 
-def demo(tasks: int = typer.Option(64, min=1, help="How many inference tasks to send.")) -> None:
+def demo(
+    tasks: int = typer.Option(64, min=1, help="How many inference tasks to send."),
+    broker: str = typer.Option("auto", help="auto (Mosquitto if installed), mosquitto or amqtt."),
+) -> None:
     """Broker, coordinator and device: a verified model rollout and a batch of tasks."""
     with Progress(
         "[progress.description]{task.description}",
@@ -27,6 +30,7 @@ def demo(tasks: int = typer.Option(64, min=1, help="How many inference tasks to 
         report = asyncio.run(
             run_demo(
                 tasks=tasks,
+                broker_backend=broker,  # type: ignore[arg-type]
                 on_step=lambda text: progress.console.print(f"[green]✓[/] {text}"),
                 on_progress=lambda done, total: progress.update(bar, completed=done, total=total),
             )

@@ -77,6 +77,9 @@ class BlobServer:
         finally:
             for task in self._tasks:
                 task.cancel()
+            # Left behind, the filter would deliver later coordinator traffic twice.
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self._transport.unsubscribe(inbox))
 
     async def _answer(self, requester: str, request: ChunkRequest, request_id: bytes) -> None:
         try:
