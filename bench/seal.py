@@ -6,7 +6,7 @@ QoS 1 and up to 16 publishes in flight. Ours seals each message for the
 receiver and opens it on arrival (AES-256-GCM, replay window on disk); the
 baseline packs and opens it in clear. Rounds alternate between the two, so
 machine noise hits both alike; medians are reported. The ratio is
-ours / baseline goodput, higher is better; BENCHMARKS.md's goal is >= 0.9.
+ours / baseline goodput, higher is better; the goal is >= 0.9.
 
 A second entry, ``seal-codec``, times the same work without the broker, for
 context: it bounds what sealing costs per byte on this CPU.
