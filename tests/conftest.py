@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import uuid
 from collections.abc import AsyncIterator
@@ -12,7 +13,16 @@ import pytest
 from hypothesis import HealthCheck, settings
 
 from edgespeed.security import FleetCA, Identity, create_ca, issue_certificate
-from edgespeed.transport import BrokerSettings, BrokerTls, EmbeddedBroker, MqttConfig, TlsConfig, find_mosquitto
+from edgespeed.transport import (
+    BrokerSettings,
+    BrokerTls,
+    EmbeddedBroker,
+    Message,
+    MqttConfig,
+    TlsConfig,
+    Transport,
+    find_mosquitto,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -74,6 +84,20 @@ def client_id() -> str:
 def prefix() -> str:
     """A topic prefix unique to the test."""
     return f"test/{uuid.uuid4().hex[:12]}"
+
+
+async def take(transport: Transport, n: int, timeout: float = 10.0) -> list[Message]:
+    """The next ``n`` messages of a transport, or TimeoutError."""
+    out: list[Message] = []
+
+    async def run() -> None:
+        async for message in transport.messages():
+            out.append(message)
+            if len(out) == n:
+                return
+
+    await asyncio.wait_for(run(), timeout)
+    return out
 
 
 def mqtt_config(url: str, client_id: str, **kw: object) -> MqttConfig:

@@ -1,23 +1,9 @@
-import asyncio
-
 import pytest
 
 from edgespeed.errors import ConfigError, TransportClosedError, TransportTimeoutError
-from edgespeed.transport import MemoryBroker, MemoryTransport, Message, Will, topic_matches
+from edgespeed.transport import MemoryBroker, MemoryTransport, Will, topic_matches
 from edgespeed.transport.base import validate_filter
-
-
-async def take(t: MemoryTransport, n: int, timeout: float = 2.0) -> list[Message]:
-    out: list[Message] = []
-
-    async def run() -> None:
-        async for m in t.messages():
-            out.append(m)
-            if len(out) == n:
-                return
-
-    await asyncio.wait_for(run(), timeout)
-    return out
+from tests.conftest import take
 
 
 async def test_publish_subscribe_with_wildcards() -> None:
@@ -98,3 +84,16 @@ async def test_misuse_is_a_clear_error() -> None:
 )
 def test_topic_matching(f: str, topic: str, expected: bool) -> None:
     assert topic_matches(validate_filter(f), topic) is expected
+
+
+async def test_consumer_ends_when_the_transport_closes_with_a_full_queue() -> None:
+    hub = MemoryBroker()
+    async with MemoryTransport(hub, "a") as a:
+        b = MemoryTransport(hub, "b", queue_size=2)
+        await b.__aenter__()
+        await b.subscribe("t")
+        await a.publish("t", b"1")
+        await a.publish("t", b"2")
+        await b.close()
+        got = [m.payload async for m in b.messages()]
+        assert got == [b"1", b"2"]  # what was delivered is still handed over, then the iteration ends

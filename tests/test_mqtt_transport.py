@@ -6,23 +6,10 @@ import pytest
 
 from edgespeed.errors import ConnectError, NotConnectedError, PayloadTooLargeError
 from edgespeed.security import issue_certificate
-from edgespeed.transport import BrokerSettings, EmbeddedBroker, Message, MqttTransport, TlsConfig, Will
-from tests.conftest import Pki, mqtt_config
+from edgespeed.transport import BrokerSettings, EmbeddedBroker, MqttTransport, TlsConfig, Will
+from tests.conftest import Pki, mqtt_config, take
 
 pytestmark = pytest.mark.mosquitto
-
-
-async def take(t: MqttTransport, n: int, timeout: float = 10.0) -> list[Message]:
-    out: list[Message] = []
-
-    async def run() -> None:
-        async for m in t.messages():
-            out.append(m)
-            if len(out) == n:
-                return
-
-    await asyncio.wait_for(run(), timeout)
-    return out
 
 
 async def test_round_trip_over_mqtt5_and_311(broker: EmbeddedBroker, prefix: str, client_id: str) -> None:
@@ -94,15 +81,21 @@ async def test_full_queue_pauses_reading_and_loses_nothing(broker: EmbeddedBroke
         assert sorted(int(m.payload) for m in got) == list(range(200))
 
 
+@pytest.mark.parametrize("how", ["restart", "kill"])
 async def test_reconnects_and_resubscribes_after_broker_restart(
-    broker: EmbeddedBroker, prefix: str, client_id: str
+    broker: EmbeddedBroker, prefix: str, client_id: str, how: str
 ) -> None:
     async with (
         MqttTransport(mqtt_config(broker.url, client_id)) as sub,
         MqttTransport(mqtt_config(broker.url, client_id + "p")) as pub,
     ):
         await sub.subscribe(f"{prefix}/r")
-        await broker.restart(down_for=0.3)
+        if how == "restart":
+            await broker.restart(down_for=0.3)
+        else:
+            await broker.kill()  # SIGKILL: nothing saved, sockets reset
+            assert not broker.running
+            await broker.start()
         for _ in range(200):
             if sub.connected and pub.connected:
                 break

@@ -9,6 +9,7 @@ as TCP backpressure would make it wait on a real broker.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 
 from edgespeed._compat import timeout as timeout_after
@@ -124,6 +125,8 @@ class MemoryTransport(Transport):
 
     async def messages(self) -> AsyncIterator[Message]:
         while True:
+            if self._state is TransportState.CLOSED and self._queue.empty():
+                return
             message = await self._queue.get()
             if message is None:
                 return
@@ -149,8 +152,7 @@ class MemoryTransport(Transport):
     def _finish(self) -> None:
         if self._state is not TransportState.CLOSED:
             self._state = TransportState.CLOSED
-            try:
+            # Wakes a consumer waiting on an empty queue; one draining a full
+            # queue sees the closed state when it reaches the end.
+            with contextlib.suppress(asyncio.QueueFull):
                 self._queue.put_nowait(None)
-            except asyncio.QueueFull:
-                # The consumer ends when it reaches the end of the queue either way.
-                self._queue._queue.append(None)  # type: ignore[attr-defined]

@@ -384,6 +384,8 @@ class MqttTransport(Transport):
         self._detach(sock)
         with contextlib.suppress(OSError):
             sock.close()
+        # paho has no public way to forget a socket closed under it; without
+        # this, its next reconnect() would close that fd number a second time.
         if self._client is not None and self._client._sock is sock:
             self._client._sock = None
 
