@@ -87,3 +87,57 @@ async def test_rendered_production_config_runs_under_stock_mosquitto(tmp_path: P
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+@pytest.mark.mosquitto
+async def test_broker_run_with_the_fleet_pki(tmp_path: Path) -> None:
+    if find_mosquitto() is None:
+        pytest.skip("mosquitto is not installed")
+    import asyncio
+    import signal
+
+    pki = tmp_path / "pki"
+    es("certs", "init", "--dir", str(pki), "--fleet", "plant")
+    for name, role in (("broker", "broker"), ("dev-1", "device")):
+        es("certs", "issue", name, "--role", role, "--dir", str(pki))
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            *EDGESPEED,
+            "broker",
+            "run",
+            "--pki",
+            str(pki),
+            "--fleet",
+            "plant",
+            "--host",
+            "127.0.0.1",
+            "--tls-port",
+            str(port),
+            "--data-dir",
+            str(tmp_path / "b"),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        url = f"mqtts://127.0.0.1:{port}"
+        tls = TlsConfig(pki / "ca.crt", pki / "dev-1.crt", pki / "dev-1.key")
+        for _ in range(100):
+            try:
+                async with MqttTransport(mqtt_config(url, "dev-1", tls=tls)) as t:
+                    await t.publish("es/1/plant/dev/dev-1/hb", b"alive")
+                break
+            except ConnectError:
+                await asyncio.sleep(0.1)
+        else:
+            pytest.fail("broker run --pki did not accept a fleet device")
+        with pytest.raises(ConnectError):  # no certificate, no entry
+            async with MqttTransport(mqtt_config(url, "dev-1", tls=TlsConfig(pki / "ca.crt"))):
+                pass
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=20)
+    assert proc.returncode == 0, out
+    assert f"TLS:   mqtts://127.0.0.1:{port}" in out

@@ -163,3 +163,11 @@ async def test_unreachable_broker_fails_within_the_timeout(client_id: str) -> No
     with pytest.raises(ConnectError, match="within"):
         async with MqttTransport(cfg):
             pass
+
+
+async def test_tcp_nodelay_is_set_on_plain_and_tls_sockets(broker: EmbeddedBroker, pki: Pki, client_id: str) -> None:
+    import socket
+
+    for url, tls in ((broker.url, None), (broker.tls_url, pki.tls("dev-a"))):
+        async with MqttTransport(mqtt_config(url, "dev-a" if tls else client_id, tls=tls)) as t:
+            assert t._sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0

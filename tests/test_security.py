@@ -75,6 +75,8 @@ def test_private_keys_are_0600_and_certificates_carry_payload_keys(pki: Pki, dir
     for path in (ident.key_file, ident.seal_key_file, ident.sign_key_file):
         assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert directory.get("dev-a").role == "device"
+    cert = ident.certificate()
+    assert cert.not_valid_after_utc - cert.not_valid_before_utc <= dt.timedelta(days=30, minutes=5)  # short-lived
     assert directory.get("coord").role == "coordinator"
 
 
