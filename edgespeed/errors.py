@@ -20,6 +20,7 @@ code, with the original kept as ``__cause__``::
     │   ├── PublishRefusedError     the broker refused a publish
     │   └── TransportClosedError    the transport was closed or never opened
     ├── BrokerError                 the embedded broker failed to start or run
+    ├── BackendError                an inference backend refused a model or an input, or failed
     └── SecurityError               a payload, key or file failed a security check
         ├── UnknownPeerError        no valid fleet certificate for that id
         ├── SealError               cannot open: tampered, wrong key, not sealed, wrong recipient
@@ -35,6 +36,7 @@ callers can act on them without parsing messages.
 from __future__ import annotations
 
 __all__ = [
+    "BackendError",
     "BlobError",
     "BrokerError",
     "ConfigError",
@@ -151,6 +153,14 @@ class TransportClosedError(TransportError):
 
 class BrokerError(EdgeSpeedError):
     """The embedded broker could not be started or stopped."""
+
+
+class BackendError(EdgeSpeedError):
+    """An inference backend failed. ``reason``: bad_input, model_missing, backend_failure, misuse, unknown."""
+
+    def __init__(self, message: str, *, reason: str = "backend_failure") -> None:
+        self.reason = reason
+        super().__init__(message)
 
 
 class SecurityError(EdgeSpeedError):

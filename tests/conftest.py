@@ -23,6 +23,7 @@ from edgespeed.transport import (
     Transport,
     find_mosquitto,
 )
+from tests.models import DigitsModel
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -73,6 +74,16 @@ async def broker(pki: Pki, tmp_path: Path) -> AsyncIterator[EmbeddedBroker]:
     )
     async with EmbeddedBroker(settings) as b:
         yield b
+
+
+@pytest.fixture(scope="session")
+def digits(tmp_path_factory: pytest.TempPathFactory) -> DigitsModel:
+    """The digits CNN, trained and exported once per session (skipped without the ML extras)."""
+    for module in ("torch", "onnxruntime", "sklearn", "safetensors", "onnxscript"):
+        pytest.importorskip(module, reason=f"{module} is needed: pip install 'edgespeed[dev,onnx,torch]'")
+    from tests.models import train_digits
+
+    return train_digits(tmp_path_factory.mktemp("digits"))
 
 
 @pytest.fixture

@@ -16,6 +16,10 @@ PACKAGES = [
     "edgespeed.protocol.transfer",
     "edgespeed.security",
     "edgespeed.transport",
+    "edgespeed.engine",
+    "edgespeed.engine.registry",
+    "edgespeed.hardware",
+    "edgespeed.pipeline",
 ]
 
 

@@ -33,9 +33,9 @@ from edgespeed.errors import ConfigError
 from edgespeed.protocol.topics import validate_id
 
 __all__ = [
-    "PAYLOAD_KEYS_OID",
     "FleetCA",
     "Identity",
+    "PAYLOAD_KEYS_OID",
     "Role",
     "create_ca",
     "issue_certificate",

@@ -1,0 +1,13 @@
+"""Device abstraction: what a device is, and the card it announces."""
+
+from edgespeed.hardware.detect import (
+    Accelerator,
+    cpu_info,
+    detect_cuda,
+    detect_npu,
+    device_card,
+    litert_available,
+    onnx_providers,
+)
+
+__all__ = ["Accelerator", "cpu_info", "detect_cuda", "detect_npu", "device_card", "litert_available", "onnx_providers"]

@@ -1,0 +1,119 @@
+"""What this device is and has: CPU, memory, CUDA GPUs, Ascend NPUs, runtimes.
+
+Cheap facts (architecture, cores, memory, which runtimes are installed) need
+no heavy import. Counting GPUs or NPUs imports torch or torch_npu, so it
+happens only when asked (``probe_accelerators=True``).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import platform
+from dataclasses import dataclass
+
+from edgespeed import __version__
+from edgespeed.engine.registry import available_backends
+from edgespeed.protocol.messages import DeviceCard
+
+__all__ = ["Accelerator", "cpu_info", "detect_cuda", "detect_npu", "device_card", "litert_available", "onnx_providers"]
+
+
+@dataclass(frozen=True, slots=True)
+class Accelerator:
+    """One accelerator: ``kind`` (cuda, npu), index, name and memory."""
+
+    kind: str
+    index: int
+    name: str
+    memory_bytes: int
+
+    def label(self) -> str:
+        """Short form for the device card, e.g. ``cuda:0 NVIDIA H100 (80 GiB)``."""
+        return f"{self.kind}:{self.index} {self.name} ({self.memory_bytes / 2**30:.0f} GiB)"
+
+
+def _memory_bytes() -> int:
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+def cpu_info() -> dict[str, str | int]:
+    """Architecture, OS, logical cores usable by this process, physical memory."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cores = os.cpu_count() or 1
+    return {
+        "arch": platform.machine() or "unknown",
+        "os": platform.system().lower() or "unknown",
+        "cores": cores,
+        "memory_bytes": _memory_bytes(),
+    }
+
+
+def detect_cuda() -> list[Accelerator]:
+    """CUDA GPUs that torch can use (imports torch; empty without it)."""
+    if importlib.util.find_spec("torch") is None:
+        return []
+    torch = importlib.import_module("torch")
+    if not torch.cuda.is_available():
+        return []
+    found = []
+    for i in range(torch.cuda.device_count()):
+        props = torch.cuda.get_device_properties(i)
+        found.append(Accelerator("cuda", i, props.name, int(props.total_memory)))
+    return found
+
+
+def detect_npu() -> list[Accelerator]:
+    """Ascend NPUs that torch_npu can use (imports it; empty without it)."""
+    if importlib.util.find_spec("torch_npu") is None:
+        return []
+    try:
+        importlib.import_module("torch_npu")
+        torch = importlib.import_module("torch")
+        count = int(torch.npu.device_count()) if torch.npu.is_available() else 0
+    except Exception:  # a broken CANN install must not stop the agent; it just has no NPU
+        return []
+    return [Accelerator("npu", i, str(torch.npu.get_device_name(i)), 0) for i in range(count)]
+
+
+def onnx_providers() -> list[str]:
+    """Execution providers of the installed onnxruntime (empty without it)."""
+    if importlib.util.find_spec("onnxruntime") is None:
+        return []
+    return list(importlib.import_module("onnxruntime").get_available_providers())
+
+
+def litert_available() -> bool:
+    """Whether a LiteRT/TFLite interpreter is installed."""
+    return any(importlib.util.find_spec(m) is not None for m in ("ai_edge_litert", "tflite_runtime"))
+
+
+def device_card(device_id: str, *, probe_accelerators: bool = False) -> DeviceCard:
+    """The card a device announces in its birth."""
+    cpu = cpu_info()
+    accelerators = ["cpu"]
+    if probe_accelerators:
+        accelerators += [a.label() for a in (*detect_cuda(), *detect_npu())]
+    extra = {"python": platform.python_version()}
+    providers = onnx_providers()
+    if providers:
+        extra["onnx_providers"] = ",".join(providers)
+    if litert_available():
+        extra["litert"] = "yes"
+    return DeviceCard(
+        device_id=device_id,
+        arch=str(cpu["arch"]),
+        os=str(cpu["os"]),
+        software_version=__version__,
+        cpu_cores=int(cpu["cores"]),
+        memory_bytes=int(cpu["memory_bytes"]),
+        backends=tuple(available_backends()),
+        accelerators=tuple(accelerators),
+        extra=extra,
+    )
