@@ -19,7 +19,7 @@ $(BIN)/python:
 
 $(DEPS): pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[dev,onnx,torch]'
+	$(BIN)/python -m pip install -q -e '.[dev,onnx,torch,tflite]'
 	@touch $@
 
 # The tests start their own Mosquitto on free ports; they need its binary and clients.

@@ -103,8 +103,8 @@ def test_onnx_external_data_must_stay_in_the_model_folder(digits: DigitsModel, t
 
 
 def test_registry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    assert {"onnx", "torch", "npu"} <= set(backend_names())
-    assert {"onnx", "torch"} <= set(available_backends())
+    assert {"onnx", "torch", "npu", "tflite"} <= set(backend_names())
+    assert {"onnx", "torch", "tflite"} <= set(available_backends())
     assert ("npu" in available_backends()) == bool(detect_npu())
     assert backend_class("onnx") is OnnxBackend
     with pytest.raises(ConfigError, match="unknown backend"):
@@ -144,6 +144,7 @@ def test_device_card_and_detection() -> None:
     card = device_card("gw-1", probe_accelerators=True)
     assert card.device_id == "gw-1" and "onnx" in card.backends and card.accelerators[0] == "cpu"
     assert "CPUExecutionProvider" in card.extra["onnx_providers"]
+    assert card.extra["litert"] == "yes" and "tflite" in card.backends
     import torch
 
     assert bool(detect_cuda()) == torch.cuda.is_available()
@@ -178,3 +179,45 @@ def test_npu_backend_says_what_is_missing(digits: DigitsModel) -> None:
 
     with pytest.raises((MissingDependencyError, BackendError)):
         NpuBackend().load(digits.safetensors, DIGITS)
+
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def test_tflite_agrees_with_onnx_on_the_same_weights(digits: DigitsModel, tmp_path: Path) -> None:
+    """The committed TFLite model (scripts/make_tflite_fixture.py) against ONNX Runtime on the same weights."""
+    pytest.importorskip("ai_edge_litert", reason="LiteRT is an optional extra: pip install 'edgespeed[tflite]'")
+    import warnings
+
+    import torch
+    from safetensors.torch import load_file
+
+    from edgespeed.engine.tflite import TfliteBackend
+    from edgespeed.engine.zoo import DigitsCNN
+
+    model = DigitsCNN()
+    model.load_state_dict(load_file(str(FIXTURES / "digits-tflite.safetensors")))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            model.eval(),
+            (torch.zeros(1, 1, 8, 8),),
+            str(tmp_path / "same.onnx"),
+            input_names=["x"],
+            dynamic_shapes={"x": {0: torch.export.Dim("batch")}},
+            external_data=False,
+            verbose=False,
+        )
+    nhwc = Pipeline.from_spec([{"op": "transpose", "axes": [0, 2, 3, 1]}])
+    with (
+        TfliteBackend(threads=1).load(FIXTURES / "digits.tflite") as tflite,
+        OnnxBackend().load(tmp_path / "same.onnx") as onnx,
+    ):
+        (lite,) = tflite.run([nhwc(digits.x_test)])
+        (ref,) = onnx.run([digits.x_test])
+        (one,) = tflite.run([nhwc(digits.x_test[:1])])  # another batch size resizes the interpreter
+        with pytest.raises(BackendError):
+            tflite.run([digits.x_test])  # NCHW where NHWC is expected
+    np.testing.assert_allclose(lite, ref, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(one, ref[:1], rtol=1e-4, atol=1e-4)
+    assert accuracy(lite, digits.y_test) > 0.85

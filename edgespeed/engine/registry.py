@@ -24,6 +24,7 @@ _BUILTIN = {
     "onnx": "edgespeed.engine.onnx:OnnxBackend",
     "torch": "edgespeed.engine.torch:TorchBackend",
     "npu": "edgespeed.engine.npu:NpuBackend",
+    "tflite": "edgespeed.engine.tflite:TfliteBackend",
 }
 
 
