@@ -221,3 +221,17 @@ def test_tflite_agrees_with_onnx_on_the_same_weights(digits: DigitsModel, tmp_pa
     np.testing.assert_allclose(lite, ref, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(one, ref[:1], rtol=1e-4, atol=1e-4)
     assert accuracy(lite, digits.y_test) > 0.85
+
+
+def test_every_backend_loads_from_bytes(digits: DigitsModel) -> None:
+    """Decrypted models load from memory: the plaintext never touches the disk."""
+    from edgespeed.engine.tflite import TfliteBackend
+
+    with OnnxBackend().load(digits.onnx.read_bytes()) as onnx:
+        np.testing.assert_allclose(onnx.run([digits.x_test])[0], digits.reference, rtol=1e-4, atol=1e-4)
+    with TorchBackend(device="cpu").load(digits.safetensors.read_bytes(), DIGITS) as torch_backend:
+        np.testing.assert_allclose(torch_backend.run([digits.x_test])[0], digits.reference, rtol=1e-5, atol=1e-5)
+    with TfliteBackend().load((FIXTURES / "digits.tflite").read_bytes()) as tflite:
+        assert tflite.run([np.zeros((2, 8, 8, 1), np.float32)])[0].shape == (2, 10)
+    with pytest.raises(UnsafeFileError):
+        OnnxBackend().load(b"x" * 200, ModelSpec(max_bytes=100))

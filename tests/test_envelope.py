@@ -27,6 +27,7 @@ from edgespeed.protocol.messages import (
     Heartbeat,
     MessageKind,
     ModelManifest,
+    ModelStatus,
     Result,
     Task,
 )
@@ -43,13 +44,14 @@ SAMPLES = [
         "onnx",
         (BlobInfo("digits.onnx", 1234, bytes(32), 65536),),
         pipeline=({"op": "scale", "factor": 0.0625},),
-        variants=("onnx-fp32",),
+        variants=({"shard": "digits.onnx", "format": "onnx"},),
     ),
     ChunkRequest("digits.onnx", 65536, 65536),
     Chunk("digits.onnx", 0, b"\x01\x02", bytes(32)),
     Task("t-1", 0, "digits", 1_800_000_000_000, (b"tensor",), reply_to="coord"),
     Result("t-1", 0, (b"out",)),
     Error("deadline", "deadline passed", task_id="t-1", attempt=1),
+    ModelStatus("digits", 3, "failed", reason="rollback"),
 ]
 
 

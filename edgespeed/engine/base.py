@@ -65,8 +65,8 @@ class Backend(abc.ABC):
         """Whether this backend's runtime can be imported here (cheap: no heavy import)."""
 
     @abc.abstractmethod
-    def _load(self, path: Path, spec: ModelSpec) -> None:
-        """Load the model file."""
+    def _load(self, source: Path | bytes, spec: ModelSpec) -> None:
+        """Load the model from a file, or from bytes (a decrypted model never touches the disk)."""
 
     @abc.abstractmethod
     def _run(self, inputs: Sequence[np.ndarray[Any, Any]]) -> list[np.ndarray[Any, Any]]:
@@ -76,8 +76,8 @@ class Backend(abc.ABC):
     def describe(self) -> dict[str, str]:
         """What runs the model: runtime version, device or providers, threads."""
 
-    def load(self, path: Path, spec: ModelSpec | None = None) -> Self:
-        """Load a model file, size-checked first.
+    def load(self, source: Path | str | bytes, spec: ModelSpec | None = None) -> Self:
+        """Load a model from a file or from bytes, size-checked first.
 
         Raises:
             UnsafeFileError: the file is over ``spec.max_bytes``.
@@ -87,11 +87,11 @@ class Backend(abc.ABC):
         spec = spec or ModelSpec()
         if self._closed or self._loaded:
             raise BackendError(f"{self.name} backend already {'closed' if self._closed else 'loaded'}", reason="misuse")
-        path = Path(path)
-        size = path.stat().st_size
+        model: Path | bytes = source if isinstance(source, bytes) else Path(source)
+        size = len(model) if isinstance(model, bytes) else model.stat().st_size
         if size > spec.max_bytes:
-            raise UnsafeFileError(f"{path.name} is {size} bytes, over the {spec.max_bytes} limit", reason="too_large")
-        self._load(path, spec)
+            raise UnsafeFileError(f"model of {size} bytes is over the {spec.max_bytes} limit", reason="too_large")
+        self._load(model, spec)
         self._loaded = True
         return self
 

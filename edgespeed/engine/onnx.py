@@ -37,8 +37,8 @@ def _ort() -> Any:
     return onnxruntime
 
 
-def check_external_data(path: Path) -> None:
-    """Refuse a model whose external-data files lie outside its folder.
+def check_external_data(source: Path | bytes) -> None:
+    """Refuse a model whose external-data files lie outside its folder (from bytes: any external data).
 
     Raises:
         UnsafeFileError: an absolute location, or one escaping the folder.
@@ -49,19 +49,27 @@ def check_external_data(path: Path) -> None:
         from onnx.external_data_helper import _get_all_tensors, uses_external_data
     except ImportError as exc:
         raise MissingDependencyError("onnx", "onnx") from exc
+    name = source.name if isinstance(source, Path) else "model"
     try:
-        model = onnx.load(str(path), load_external_data=False)
+        if isinstance(source, bytes):
+            model = onnx.load_from_string(source)
+        else:
+            model = onnx.load(str(source), load_external_data=False)
     except Exception as exc:  # DecodeError and friends: not an ONNX model
-        raise BackendError(f"{path.name} is not an ONNX model: {exc}", reason="bad_model") from exc
-    base = path.parent.resolve()
+        raise BackendError(f"{name} is not an ONNX model: {exc}", reason="bad_model") from exc
+    base = source.parent.resolve() if isinstance(source, Path) else None
     for tensor in _get_all_tensors(model):
         if not uses_external_data(tensor):
             continue
         location = next((e.value for e in tensor.external_data if e.key == "location"), "")
-        target = (base / location).resolve()
-        if not location or os.path.isabs(location) or not target.is_relative_to(base):
+        if (
+            base is None
+            or not location
+            or os.path.isabs(location)
+            or not (base / location).resolve().is_relative_to(base)
+        ):
             raise UnsafeFileError(
-                f"{path.name}: external data {location!r} lies outside the model folder", reason="external_data"
+                f"{name}: external data {location!r} lies outside the model folder", reason="external_data"
             )
 
 
@@ -92,9 +100,9 @@ class OnnxBackend(Backend):
         """Execution providers this onnxruntime build offers."""
         return list(_ort().get_available_providers())
 
-    def _load(self, path: Path, spec: ModelSpec) -> None:
+    def _load(self, source: Path | bytes, spec: ModelSpec) -> None:
         ort = _ort()
-        check_external_data(path)
+        check_external_data(source)
         present = set(ort.get_available_providers())
         chosen = [p for p in self._wanted if p in present] or ["CPUExecutionProvider"]
         options = ort.SessionOptions()
@@ -102,9 +110,10 @@ class OnnxBackend(Backend):
             options.intra_op_num_threads = self._threads
             options.inter_op_num_threads = 1
         try:
-            self._session = ort.InferenceSession(str(path), sess_options=options, providers=chosen)
+            model = source if isinstance(source, bytes) else str(source)
+            self._session = ort.InferenceSession(model, sess_options=options, providers=chosen)
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
-            raise BackendError(f"onnxruntime refused {path.name}: {exc}", reason="bad_model") from exc
+            raise BackendError(f"onnxruntime refused the model: {exc}", reason="bad_model") from exc
         self._input_names = [i.name for i in self._session.get_inputs()]
         self._session_run = self._session.run
 

@@ -48,14 +48,15 @@ class TfliteBackend(Backend):
     def available(cls) -> bool:
         return any(importlib.util.find_spec(name.partition(".")[0]) is not None for name in _RUNTIMES)
 
-    def _load(self, path: Path, spec: ModelSpec) -> None:
+    def _load(self, source: Path | bytes, spec: ModelSpec) -> None:
         module = _interpreter_module()
         self._runtime = module.__name__.partition(".")[0]
+        where = {"model_content": source} if isinstance(source, bytes) else {"model_path": str(source)}
         try:
-            self._interpreter = module.Interpreter(model_path=str(path), num_threads=self._threads)
+            self._interpreter = module.Interpreter(**where, num_threads=self._threads)
             self._interpreter.allocate_tensors()
         except (ValueError, RuntimeError) as exc:
-            raise BackendError(f"LiteRT refused {path.name}: {exc}", reason="bad_model") from exc
+            raise BackendError(f"LiteRT refused the model: {exc}", reason="bad_model") from exc
 
     def _run(self, inputs: Sequence[np.ndarray[Any, Any]]) -> list[np.ndarray[Any, Any]]:
         interpreter = self._interpreter

@@ -58,10 +58,10 @@ class TorchBackend(Backend):
             raise BackendError("CUDA was asked for but torch sees no GPU", reason="no_device")
         return device
 
-    def _load(self, path: Path, spec: ModelSpec) -> None:
+    def _load(self, source: Path | bytes, spec: ModelSpec) -> None:
         torch = _torch()
         try:
-            from safetensors.torch import load_file
+            from safetensors.torch import load, load_file
         except ImportError as exc:
             raise MissingDependencyError("safetensors", "torch") from exc
         from edgespeed.engine import zoo
@@ -71,15 +71,16 @@ class TorchBackend(Backend):
         if self._threads is not None:
             torch.set_num_threads(self._threads)
         self._device = self._select_device(torch)
+        name = source.name if isinstance(source, Path) else "the weights"
         try:
-            state = load_file(str(path), device="cpu")
+            state = load(source) if isinstance(source, bytes) else load_file(str(source), device="cpu")
         except Exception as exc:  # SafetensorError on a corrupt header
-            raise UnsafeFileError(f"refused {path.name}: {exc}", reason="corrupt") from exc
+            raise UnsafeFileError(f"refused {name}: {exc}", reason="corrupt") from exc
         model = zoo.build(spec.architecture, **spec.options)
         try:
             model.load_state_dict(state, strict=True)
         except RuntimeError as exc:  # missing, unexpected or misshapen weights
-            raise BackendError(f"{path.name} does not fit {spec.architecture!r}: {exc}", reason="bad_model") from exc
+            raise BackendError(f"{name} does not fit {spec.architecture!r}: {exc}", reason="bad_model") from exc
         self._model = model.eval().to(self._device)
 
     def _run(self, inputs: Sequence[np.ndarray[Any, Any]]) -> list[np.ndarray[Any, Any]]:

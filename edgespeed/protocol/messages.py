@@ -29,6 +29,7 @@ __all__ = [
     "Message",
     "MessageKind",
     "ModelManifest",
+    "ModelStatus",
     "Result",
     "Task",
     "kind_of",
@@ -75,6 +76,7 @@ class MessageKind(enum.IntEnum):
     TASK = 8
     RESULT = 9
     ERROR = 10
+    MODEL_STATUS = 11
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,9 +168,14 @@ class BlobInfo:
 class ModelManifest:
     """A model version: its shards, pre/post-processing steps and variants.
 
-    ``keys`` holds the shards' content key wrapped for each device that may
-    load them (empty: shards are not encrypted). ``signer`` and ``signature``
-    are set by `edgespeed.security.signing.sign_manifest`.
+    ``pipeline`` holds preprocessing steps common to every variant.
+    ``variants`` lists the ways to run the model, best first, each a map:
+    ``shard`` (a shard name), ``format`` (``onnx``, ``tflite``, ``safetensors``),
+    and optionally ``architecture`` and ``options`` (for safetensors), ``pre``
+    and ``post`` (steps for this variant). A device runs the first variant its
+    backends support. ``keys`` holds the shards' content key wrapped for each
+    device that may load them (empty: shards are not encrypted). ``signer``
+    and ``signature`` are set by `edgespeed.security.signing.sign_manifest`.
     """
 
     model_id: str
@@ -176,7 +183,7 @@ class ModelManifest:
     format: str
     shards: tuple[BlobInfo, ...]
     pipeline: tuple[dict[str, Any], ...] = ()
-    variants: tuple[str, ...] = ()
+    variants: tuple[dict[str, Any], ...] = ()
     keys: dict[str, bytes] = field(default_factory=dict)
     signer: str = ""
     signature: bytes = b""
@@ -187,6 +194,9 @@ class ModelManifest:
         names = [s.name for s in self.shards]
         if len(set(names)) != len(names):
             raise DecodeError("duplicate shard names in manifest", reason="bad_body")
+        for variant in self.variants:
+            if variant.get("shard") not in names or not isinstance(variant.get("format"), str):
+                raise DecodeError("each variant needs a format and one of the manifest's shards", reason="bad_body")
 
 
 @dataclass(frozen=True, slots=True)
@@ -268,7 +278,36 @@ class Error:
         _check_range("attempt", self.attempt, 0, _U32)
 
 
-Message = Birth | Death | Heartbeat | CoordinatorState | ModelManifest | ChunkRequest | Chunk | Task | Result | Error
+@dataclass(frozen=True, slots=True)
+class ModelStatus:
+    """A device's report on a model version: ``ready`` (with the backend it runs on) or ``failed``."""
+
+    model_id: str
+    version: int
+    state: str
+    reason: str = ""
+    backend: str = ""
+
+    def __post_init__(self) -> None:
+        validate_blob_id(self.model_id)
+        _check_range("version", self.version, 0, _U64)
+        if self.state not in ("ready", "failed"):
+            raise DecodeError(f"model state must be ready or failed, not {self.state!r}", reason="bad_body")
+
+
+Message = (
+    Birth
+    | Death
+    | Heartbeat
+    | CoordinatorState
+    | ModelManifest
+    | ChunkRequest
+    | Chunk
+    | Task
+    | Result
+    | Error
+    | ModelStatus
+)
 
 _CLASSES: dict[MessageKind, type[Any]] = {
     MessageKind.BIRTH: Birth,
@@ -281,6 +320,7 @@ _CLASSES: dict[MessageKind, type[Any]] = {
     MessageKind.TASK: Task,
     MessageKind.RESULT: Result,
     MessageKind.ERROR: Error,
+    MessageKind.MODEL_STATUS: ModelStatus,
 }
 _KINDS = {cls: kind for kind, cls in _CLASSES.items()}
 

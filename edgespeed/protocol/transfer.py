@@ -21,9 +21,9 @@ from edgespeed.protocol import topics
 from edgespeed.protocol.blob import BlobAssembler, BlobSource
 from edgespeed.protocol.envelope import open_message, pack_message
 from edgespeed.protocol.messages import BlobInfo, Chunk, ChunkRequest, Error
-from edgespeed.transport.base import Message, Transport
+from edgespeed.transport.base import Transport
 
-__all__ = ["BlobServer", "fetch_blob"]
+__all__ = ["BlobServer", "fetch_blob", "fetch_from"]
 
 log = logging.getLogger(__name__)
 
@@ -117,29 +117,79 @@ async def fetch_blob(
     """Fetch a blob into ``dest``, resuming a partial file, and verify it.
 
     The transport must be dedicated to this fetch while it runs: its messages
-    are consumed here.
+    are consumed here. A program that reads its inbox for other things too
+    (the device agent) feeds `fetch_from` instead.
 
     Raises:
         BlobError: verification failed, or the server answered with an error.
         TransportTimeoutError: not finished within ``timeout`` seconds.
     """
-    assembler = BlobAssembler(info, dest, window=window)
     inbox = topics.device_inbox(fleet, device_id)
-    outbox = topics.coordinator_inbox(fleet, device_id)
-    deadline = time.monotonic() + timeout
     # Waiting on an async generator with a timeout would close it when the
     # timeout fires, so a pump hands messages over through a bounded queue.
-    queue: asyncio.Queue[Message | None] = asyncio.Queue(maxsize=2 * window)
+    incoming: asyncio.Queue[Chunk | Error | None] = asyncio.Queue(maxsize=2 * window)
 
     async def pump() -> None:
         async for message in transport.messages():
-            await queue.put(message)
-        await queue.put(None)
+            if message.topic != inbox:
+                continue
+            try:
+                _, body = open_message(message.payload)
+            except ProtocolError as exc:
+                log.warning("dropped a bad message in %s: %s", inbox, exc)
+                continue
+            if isinstance(body, Chunk | Error):
+                await incoming.put(body)
+        await incoming.put(None)
 
-    pump_task: asyncio.Task[None] | None = None
+    await transport.subscribe(inbox)
+    pump_task = asyncio.create_task(pump(), name=f"fetch[{info.name}].pump")
     try:
-        await transport.subscribe(inbox)
-        pump_task = asyncio.create_task(pump(), name=f"fetch[{info.name}].pump")
+        return await fetch_from(
+            transport,
+            info,
+            dest,
+            incoming,
+            fleet=fleet,
+            device_id=device_id,
+            window=window,
+            request_timeout=request_timeout,
+            timeout=timeout,
+            on_progress=on_progress,
+        )
+    finally:
+        pump_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await pump_task
+
+
+async def fetch_from(
+    transport: Transport,
+    info: BlobInfo,
+    dest: Path,
+    incoming: asyncio.Queue[Chunk | Error | None],
+    *,
+    fleet: str,
+    device_id: str,
+    window: int = 8,
+    request_timeout: float = 5.0,
+    timeout: float = 600.0,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> Path:
+    """Fetch a blob, sending requests on ``transport`` and taking answers from ``incoming``.
+
+    ``incoming`` carries the chunks (and errors) addressed to this fetch; None
+    means the source closed.
+
+    Raises:
+        BlobError: verification failed, or the server answered with an error.
+        TransportTimeoutError: not finished within ``timeout`` seconds.
+        TransportError: ``incoming`` closed.
+    """
+    assembler = BlobAssembler(info, dest, window=window)
+    outbox = topics.coordinator_inbox(fleet, device_id)
+    deadline = time.monotonic() + timeout
+    try:
         if on_progress:
             on_progress(assembler.committed, info.size)
         while not assembler.done:
@@ -156,26 +206,15 @@ async def fetch_blob(
             wake = min(assembler.next_deadline(request_timeout) or now + request_timeout, deadline)
             try:
                 async with timeout_after(max(wake - now, 0.001)):
-                    message = await queue.get()
+                    body = await incoming.get()
             except TimeoutError:
                 continue
-            if message is None:
-                raise TransportError("transport closed during the fetch")
-            if message.topic != inbox:
-                continue
-            try:
-                _, body = open_message(message.payload)
-            except ProtocolError as exc:
-                log.warning("dropped a bad message in %s: %s", inbox, exc)
-                continue
+            if body is None:
+                raise TransportError("the message source closed during the fetch")
             if isinstance(body, Error):
                 raise BlobError(f"server refused {info.name!r}: {body.code}: {body.message}", reason=body.code)
-            if isinstance(body, Chunk) and assembler.accept(body) and on_progress:
+            if body.blob_id == info.name and assembler.accept(body) and on_progress:
                 on_progress(assembler.committed, info.size)
         return assembler.finish()
     finally:
         assembler.close()
-        if pump_task is not None:
-            pump_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await pump_task

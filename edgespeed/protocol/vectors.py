@@ -29,6 +29,7 @@ from edgespeed.protocol.messages import (
     Error,
     Heartbeat,
     ModelManifest,
+    ModelStatus,
     Result,
     Task,
     kind_of,
@@ -71,7 +72,7 @@ def _messages() -> list[tuple[str, Any]]:
                 "onnx",
                 (BlobInfo("digits.onnx", 3, hashlib.sha256(b"abc").digest(), 1024),),
                 pipeline=({"op": "scale", "factor": 0.0625},),
-                variants=("onnx-fp32",),
+                variants=({"shard": "digits.onnx", "format": "onnx"},),
             ),
         ),
         ("chunk_request", ChunkRequest("digits.onnx", 0, 1024)),
@@ -79,6 +80,7 @@ def _messages() -> list[tuple[str, Any]]:
         ("task", Task("t-1", 0, "digits", _TS + 2000, (tensor,), reply_to="coord")),
         ("result", Result("t-1", 0, (tensor,))),
         ("error", Error("bad_input", "expected shape (1, 64)", task_id="t-1", attempt=0)),
+        ("model_status", ModelStatus("digits", 2, "ready", backend="onnx")),
     ]
 
 
