@@ -23,6 +23,7 @@ from edgespeed.transport import (
     Transport,
     find_mosquitto,
 )
+from edgespeed.transport.broker import production_settings
 from tests.models import DigitsModel
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -84,6 +85,26 @@ def digits(tmp_path_factory: pytest.TempPathFactory) -> DigitsModel:
     from tests.models import train_digits
 
     return train_digits(tmp_path_factory.mktemp("digits"))
+
+
+SECURE_FLEET = "sec"
+
+
+@pytest.fixture
+async def secure_broker(pki: Pki, tmp_path: Path) -> AsyncIterator[EmbeddedBroker]:
+    """Mosquitto with the rendered production config: mutual TLS only, the fleet ACL, persistence."""
+    _need_mosquitto()
+    settings = production_settings(
+        pki.ca.directory,
+        fleet=SECURE_FLEET,
+        coordinators=["coord"],
+        auditors=["audit"],
+        out_dir=tmp_path / "broker",
+        host="127.0.0.1",
+        tls_port=0,
+    )
+    async with EmbeddedBroker(settings) as broker:
+        yield broker
 
 
 @pytest.fixture

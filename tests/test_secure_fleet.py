@@ -2,7 +2,6 @@
 
 import asyncio
 import datetime as dt
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import numpy as np
@@ -30,29 +29,13 @@ from edgespeed.security import (
 from edgespeed.security.blobcrypt import TAG_SIZE
 from edgespeed.transport import EmbeddedBroker, Message, MqttTransport, TlsConfig
 from edgespeed.transport.broker import production_settings
-from tests.conftest import Pki, _need_mosquitto, mqtt_config
+from tests.conftest import SECURE_FLEET, Pki, _need_mosquitto, mqtt_config
 
 pytestmark = pytest.mark.mosquitto
-FLEET = "sec"
+FLEET = SECURE_FLEET
 INPUT_MARKER = b"PLAINTEXT-INPUT-MARKER"
 OUTPUT_MARKER = b"PLAINTEXT-OUTPUT-MARKER"
 WEIGHT_MARKER = b"PLAINTEXT-WEIGHT-MARKER"
-
-
-@pytest.fixture
-async def secure_broker(pki: Pki, tmp_path: Path) -> AsyncIterator[EmbeddedBroker]:
-    _need_mosquitto()
-    settings = production_settings(
-        pki.ca.directory,
-        fleet=FLEET,
-        coordinators=["coord"],
-        auditors=["audit"],
-        out_dir=tmp_path / "broker",
-        host="127.0.0.1",
-        tls_port=0,
-    )
-    async with EmbeddedBroker(settings) as broker:
-        yield broker
 
 
 def connect(broker: EmbeddedBroker, pki: Pki, name: str, **kw: object) -> MqttTransport:

@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.logging import RichHandler
 
 from edgespeed import __version__
-from edgespeed.cli import broker, certs, demo
+from edgespeed.cli import broker, certs, demo, device
 
 app = typer.Typer(
     name="edgespeed",
@@ -20,6 +20,7 @@ app = typer.Typer(
 )
 app.add_typer(broker.app, name="broker")
 app.add_typer(certs.app, name="certs")
+app.add_typer(device.app, name="device")
 app.command("demo")(demo.demo)
 
 console = Console()

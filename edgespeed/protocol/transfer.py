@@ -19,8 +19,8 @@ from edgespeed._compat import timeout as timeout_after
 from edgespeed.errors import BlobError, ProtocolError, TransportError, TransportTimeoutError
 from edgespeed.protocol import topics
 from edgespeed.protocol.blob import BlobAssembler, BlobSource
-from edgespeed.protocol.envelope import open_message, pack_message
-from edgespeed.protocol.messages import BlobInfo, Chunk, ChunkRequest, Error
+from edgespeed.protocol.envelope import decode_header, open_message, pack_message
+from edgespeed.protocol.messages import BlobInfo, Chunk, ChunkRequest, Error, MessageKind
 from edgespeed.transport.base import Transport
 
 __all__ = ["BlobServer", "fetch_blob", "fetch_from"]
@@ -61,6 +61,9 @@ class BlobServer:
             async for message in self._transport.messages():
                 try:
                     name = topics.parse_topic(message.topic)
+                    header, _ = decode_header(message.payload)
+                    if header.kind != MessageKind.CHUNK_REQUEST:
+                        continue  # results and reports for whoever else reads the coordinator inbox
                     envelope, request = open_message(message.payload)
                 except ProtocolError as exc:
                     self.rejected += 1

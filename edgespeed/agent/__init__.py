@@ -1,0 +1,6 @@
+"""The device agent: the program that runs on every gateway."""
+
+from edgespeed.agent.config import AgentConfig
+from edgespeed.agent.device import Device
+
+__all__ = ["AgentConfig", "Device"]

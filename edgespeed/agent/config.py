@@ -1,0 +1,109 @@
+"""The device agent's configuration, read from TOML."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from edgespeed.errors import ConfigError
+from edgespeed.protocol.topics import validate_id
+from edgespeed.transport.base import Will
+from edgespeed.transport.config import MqttConfig, TlsConfig, parse_broker_url
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+__all__ = ["AgentConfig"]
+
+
+@dataclass(frozen=True, slots=True)
+class AgentConfig:
+    """Everything a device agent needs.
+
+    Attributes:
+        device_id: this device's id (its certificate's common name).
+        fleet: the fleet id.
+        broker: broker URL (``mqtts://`` in production).
+        pki_dir: ``ca.crt``, this device's certificate and keys, and the
+            certificates of the peers it talks to (the coordinator's at least).
+        state_dir: the model cache, the outbox and the replay window.
+        coordinator: the coordinator's id.
+        backends: backend preference; empty: every available one, in the order onnx, tflite, npu, torch.
+        heartbeat_s: mean seconds between heartbeats (jittered by 20%).
+        queue_size: tasks waiting at most; more are refused with ``queue_full``.
+        max_batch, max_wait_ms: micro-batching of compatible tasks.
+        concurrency: batches run at once.
+        cache_bytes: disk budget of the model cache; least recently used models go first.
+        threads: intra-op threads per backend (None: the runtime's default).
+        fetch_timeout: seconds a model download may take.
+    """
+
+    device_id: str
+    fleet: str
+    broker: str
+    pki_dir: Path
+    state_dir: Path
+    coordinator: str = "coord"
+    backends: tuple[str, ...] = ()
+    heartbeat_s: float = 10.0
+    queue_size: int = 64
+    max_batch: int = 8
+    max_wait_ms: float = 5.0
+    concurrency: int = 1
+    cache_bytes: int = 1 << 30
+    threads: int | None = None
+    fetch_timeout: float = 600.0
+
+    def __post_init__(self) -> None:
+        validate_id(self.device_id, "device_id")
+        validate_id(self.fleet, "fleet")
+        validate_id(self.coordinator, "coordinator")
+        parse_broker_url(self.broker)
+        for name in ("queue_size", "max_batch", "concurrency", "cache_bytes"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1")
+        if self.heartbeat_s <= 0 or self.max_wait_ms < 0 or self.fetch_timeout <= 0:
+            raise ConfigError("heartbeat_s and fetch_timeout must be positive, max_wait_ms not negative")
+
+    @classmethod
+    def from_toml(cls, path: Path) -> AgentConfig:
+        """Read a TOML file; relative paths are relative to the file's folder.
+
+        Raises:
+            ConfigError: unreadable, unknown keys, or invalid values.
+        """
+        path = Path(path)
+        try:
+            data: dict[str, Any] = tomllib.loads(path.read_text())
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"cannot read {path}: {exc}") from exc
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = data.keys() - known
+        if unknown:
+            raise ConfigError(f"{path}: unknown settings {sorted(unknown)}; known: {sorted(known)}")
+        for key in ("pki_dir", "state_dir"):
+            if key in data:
+                data[key] = (path.parent / data[key]).resolve()
+        if "backends" in data:
+            data["backends"] = tuple(data["backends"])
+        try:
+            return cls(**data)
+        except TypeError as exc:
+            raise ConfigError(f"{path}: {exc}") from exc
+
+    def mqtt(self, will: Will) -> MqttConfig:
+        """The transport configuration: mutual TLS from ``pki_dir`` when the URL says TLS."""
+        tls = None
+        if parse_broker_url(self.broker).tls:
+            tls = TlsConfig(
+                self.pki_dir / "ca.crt", self.pki_dir / f"{self.device_id}.crt", self.pki_dir / f"{self.device_id}.key"
+            )
+        # Reconnects resume the session, so tasks sent while the link was down still arrive.
+        return MqttConfig(
+            self.broker, self.device_id, tls=tls, will=will, clean_start=False, queue_size=max(self.queue_size, 16)
+        )

@@ -1,0 +1,307 @@
+"""The device agent end to end, over Mosquitto with the production config (mutual TLS, ACLs).
+
+A small harness plays the coordinator (the real one is its own piece of work):
+it publishes signed, encrypted models, serves their chunks, seals tasks and
+opens what devices send back.
+"""
+
+import asyncio
+import dataclasses
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edgespeed.agent import AgentConfig, Device
+from edgespeed.errors import EdgeSpeedError, ReplayError
+from edgespeed.protocol import topics
+from edgespeed.protocol.blob import DEFAULT_CHUNK_SIZE, BlobSource
+from edgespeed.protocol.envelope import decode_header, open_message, pack_message
+from edgespeed.protocol.messages import (
+    Birth,
+    CoordinatorState,
+    Death,
+    Error,
+    Heartbeat,
+    MessageKind,
+    ModelManifest,
+    ModelStatus,
+    Result,
+    Task,
+)
+from edgespeed.protocol.tensor import decode_tensor, encode_tensor
+from edgespeed.protocol.transfer import BlobServer
+from edgespeed.security import KeyDirectory, ReplayGuard, Sealer, encrypt_blob, sign_manifest
+from edgespeed.security.blobcrypt import TAG_SIZE
+from edgespeed.transport import EmbeddedBroker, MqttTransport
+from tests.conftest import SECURE_FLEET, Pki, mqtt_config
+from tests.models import DigitsModel
+
+pytestmark = pytest.mark.mosquitto
+FLEET = SECURE_FLEET
+
+
+class Harness:
+    """Stands in for the coordinator."""
+
+    def __init__(self, broker: EmbeddedBroker, pki: Pki) -> None:
+        self.pki = pki
+        keys = KeyDirectory(pki.ca.cert_file)
+        keys.add_directory(pki.ca.directory)
+        self.sealer = Sealer("coord", pki.devices["coord"].seal_key(), keys, replay=ReplayGuard())
+        self.main = MqttTransport(mqtt_config(broker.tls_url, "coord", tls=pki.tls("coord"), clean_start=False))
+        self.blobs = MqttTransport(mqtt_config(broker.tls_url, "coord-blobs", tls=pki.tls("coord")))
+        self.received: list[tuple[str, object]] = []
+        self.arrived = asyncio.Event()
+        self.server = BlobServer(self.blobs, fleet=FLEET, server_id="coord")
+
+    async def __aenter__(self) -> "Harness":
+        await self.main.__aenter__()
+        await self.blobs.__aenter__()
+        await self.main.subscribe(
+            f"es/1/{FLEET}/coord/in/+",
+            topics.device_filter(FLEET, "birth"),
+            topics.device_filter(FLEET, "death"),
+            topics.device_filter(FLEET, "hb"),
+        )
+        await self.main.publish(
+            topics.coordinator_state(FLEET), pack_message(CoordinatorState(True, 1), sender="coord"), retain=True
+        )
+        self._tasks = [asyncio.create_task(self._read()), asyncio.create_task(self.server.run())]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        for t in self._tasks:
+            t.cancel()
+        await self.main.publish(topics.broadcast(FLEET, "models"), b"", retain=True)
+        await self.main.close()
+        await self.blobs.close()
+
+    async def _read(self) -> None:
+        async for message in self.main.messages():
+            name = topics.parse_topic(message.topic)
+            try:
+                header, _ = decode_header(message.payload)
+                if header.kind is MessageKind.CHUNK_REQUEST:
+                    continue  # the blob server's business
+                if name.kind is topics.TopicKind.COORDINATOR_INBOX:
+                    _, body = self.sealer.open(message.payload, topic_sender=name.id)
+                else:
+                    _, body = open_message(message.payload)
+            except ReplayError:
+                continue  # a duplicate
+            except EdgeSpeedError as exc:
+                self.received.append((name.id or "", exc))
+                continue
+            self.received.append((name.id or "", body))
+            self.arrived.set()
+
+    async def wait_for(self, predicate, timeout: float = 20.0):  # type: ignore[no-untyped-def]
+        deadline = time.monotonic() + timeout
+        while True:
+            for sender, body in self.received:
+                if predicate(sender, body):
+                    return body
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                kinds = [(s, type(b).__name__) for s, b in self.received]
+                raise TimeoutError(f"expected message did not arrive; got {kinds[-12:]} ({len(kinds)} in all)")
+            self.arrived.clear()
+            try:
+                await asyncio.wait_for(self.arrived.wait(), remaining)
+            except TimeoutError:
+                pass
+
+    async def publish_model(
+        self,
+        version: int,
+        shards: list[tuple[str, bytes, dict]],
+        devices: list[str],  # type: ignore[type-arg]
+        *,
+        tamper: bool = False,
+    ) -> None:
+        infos, variants = [], []
+        key = None
+        for name, data, variant in shards:
+            ciphertext, key = encrypt_blob(data, blob_id=name, chunk_size=DEFAULT_CHUNK_SIZE, key=key)
+            infos.append(self.server.add(BlobSource(name, ciphertext, chunk_size=DEFAULT_CHUNK_SIZE + TAG_SIZE)))
+            variants.append({"shard": name, **variant})
+        assert key is not None
+        manifest = sign_manifest(
+            ModelManifest(
+                "digits",
+                version,
+                "mixed",
+                tuple(infos),
+                variants=tuple(variants),
+                keys=self.sealer.wrap_key(key, devices, context=f"digits/{version}"),
+            ),
+            signer="coord",
+            key=self.pki.devices["coord"].sign_key(),
+        )
+        if tamper:
+            manifest = dataclasses.replace(manifest, version=version + 1)
+        await self.main.publish(topics.broadcast(FLEET, "models"), pack_message(manifest, sender="coord"), retain=True)
+
+    async def send(self, device: str, task: Task) -> None:
+        await self.main.publish(topics.device_inbox(FLEET, device), self.sealer.seal(task, recipient=device))
+
+    def answers(self, device: str) -> dict[str, object]:
+        out: dict[str, object] = {}
+        for sender, body in self.received:
+            if sender == device and isinstance(body, Result | Error) and body.task_id not in out:
+                out[body.task_id] = body
+        return out
+
+
+def agent_config(broker: EmbeddedBroker, pki: Pki, device: str, state: Path, **kw: object) -> AgentConfig:
+    return AgentConfig(
+        device_id=device,
+        fleet=FLEET,
+        broker=broker.tls_url,
+        pki_dir=pki.ca.directory,
+        state_dir=state,
+        heartbeat_s=0.3,
+        max_wait_ms=20,
+        **kw,
+    )  # type: ignore[arg-type]
+
+
+def shards(digits: DigitsModel) -> list[tuple[str, bytes, dict]]:  # type: ignore[type-arg]
+    return [
+        ("digits.onnx", digits.onnx.read_bytes(), {"format": "onnx"}),
+        (
+            "digits.safetensors",
+            digits.safetensors.read_bytes(),
+            {"format": "safetensors", "architecture": "digits-cnn"},
+        ),
+    ]
+
+
+def task(i: int, x: np.ndarray, *, model: str = "digits", deadline_s: float = 30.0) -> Task:
+    return Task(f"t-{i}", 0, model, time.time_ns() // 1_000_000 + int(deadline_s * 1000), (encode_tensor(x),))
+
+
+@pytest.fixture
+async def harness(secure_broker: EmbeddedBroker, pki: Pki) -> AsyncIterator[Harness]:
+    async with Harness(secure_broker, pki) as h:
+        yield h
+
+
+async def test_agents_join_install_signed_models_and_answer(
+    secure_broker: EmbeddedBroker, pki: Pki, harness: Harness, digits: DigitsModel, tmp_path: Path
+) -> None:
+    a_cfg = agent_config(secure_broker, pki, "dev-a", tmp_path / "a")
+    b_cfg = agent_config(secure_broker, pki, "dev-b", tmp_path / "b", backends=("torch",))
+    async with Device(a_cfg) as dev_a, Device(b_cfg):
+        birth = await harness.wait_for(lambda s, b: s == "dev-a" and isinstance(b, Birth))
+        assert "onnx" in birth.card.backends and birth.epoch == dev_a.epoch
+        await dev_a.wait_coordinator(5)
+        await harness.publish_model(1, shards(digits), ["dev-a", "dev-b"])
+        ready_a = await harness.wait_for(lambda s, b: s == "dev-a" and isinstance(b, ModelStatus))
+        ready_b = await harness.wait_for(lambda s, b: s == "dev-b" and isinstance(b, ModelStatus))
+        assert (ready_a.state, ready_a.backend) == ("ready", "onnx")
+        assert (ready_b.state, ready_b.backend) == ("ready", "torch")  # its configuration prefers torch
+
+        # Tasks of 1 to 4 images, sealed; both devices answer like the trained model.
+        batches = [digits.x_test[i : i + 1 + i % 4] for i in range(0, 60, 5)]
+        for device in ("dev-a", "dev-b"):
+            for i, x in enumerate(batches):
+                await harness.send(device, task(i, x))
+        for device in ("dev-a", "dev-b"):
+            await harness.wait_for(lambda s, b, d=device: len(harness.answers(d)) == len(batches))
+            answers = harness.answers(device)
+            for i, x in enumerate(batches):
+                result = answers[f"t-{i}"]
+                assert isinstance(result, Result), result
+                start = 5 * i
+                np.testing.assert_allclose(
+                    decode_tensor(result.outputs[0]), digits.reference[start : start + len(x)], rtol=1e-4, atol=1e-4
+                )
+
+        # Typed errors, one per failure, never silence.
+        await harness.send("dev-a", task(100, digits.x_test[:1], model="other"))
+        await harness.send("dev-a", task(101, np.zeros((1, 64), np.float32)))
+        await harness.send("dev-a", task(102, digits.x_test[:1], deadline_s=-1))
+        await harness.wait_for(lambda s, b: len(harness.answers("dev-a")) == len(batches) + 3)
+        codes = {t: getattr(harness.answers("dev-a")[t], "code", None) for t in ("t-100", "t-101", "t-102")}
+        assert codes == {"t-100": "model_missing", "t-101": "bad_input", "t-102": "deadline"}
+
+        beat = await harness.wait_for(lambda s, b: s == "dev-a" and isinstance(b, Heartbeat) and b.models)
+        assert beat.models == ("digits",) and beat.epoch == dev_a.epoch
+
+        # A newer version installs; an older one and a forged one are refused and reported.
+        await harness.publish_model(2, shards(digits), ["dev-a"])
+        await harness.wait_for(lambda s, b: s == "dev-a" and isinstance(b, ModelStatus) and b.version == 2)
+        assert dev_a.models == {"digits": 2}
+        await harness.publish_model(1, shards(digits), ["dev-a"])
+        not_for_b = await harness.wait_for(lambda s, b: s == "dev-b" and isinstance(b, ModelStatus) and b.version == 2)
+        assert (not_for_b.state, not_for_b.reason) == ("failed", "no_key")  # v2 was wrapped for dev-a only
+        rollback = await harness.wait_for(
+            lambda s, b: s == "dev-a" and isinstance(b, ModelStatus) and b.state == "failed"
+        )
+        assert (rollback.version, rollback.reason) == (1, "rollback")
+        await harness.publish_model(5, shards(digits), ["dev-a"], tamper=True)
+        forged = await harness.wait_for(lambda s, b: s == "dev-a" and isinstance(b, ModelStatus) and b.version == 6)
+        assert (forged.state, forged.reason) == ("failed", "bad_signature")
+        assert dev_a.models == {"digits": 2}
+        assert not list((tmp_path / "a").rglob("*.onnx")) or all(
+            b"pytorch" not in p.read_bytes() for p in (tmp_path / "a").rglob("digits.onnx")
+        )
+    death = await harness.wait_for(lambda s, b: s == "dev-a" and isinstance(b, Death))
+    assert death.reason == "shutdown"
+
+
+async def test_no_answer_is_lost_when_the_broker_restarts_mid_batch(
+    secure_broker: EmbeddedBroker, pki: Pki, harness: Harness, digits: DigitsModel, tmp_path: Path
+) -> None:
+    cfg = agent_config(secure_broker, pki, "dev-a", tmp_path / "a")
+    async with Device(cfg):
+        await harness.publish_model(1, shards(digits), ["dev-a"])
+        await harness.wait_for(lambda s, b: isinstance(b, ModelStatus) and b.state == "ready")
+        count = 60
+        sent: set[int] = set()
+
+        async def send_all() -> None:
+            while len(sent) < count:
+                for i in range(count):
+                    if i in sent:
+                        continue
+                    try:
+                        await harness.send("dev-a", task(i, digits.x_test[i : i + 1]))
+                        sent.add(i)
+                    except EdgeSpeedError:
+                        await asyncio.sleep(0.1)  # broker away: send the rest once it is back
+                        break
+                    await asyncio.sleep(0.01)
+
+        sender = asyncio.create_task(send_all())
+        await harness.wait_for(lambda s, b: len(harness.answers("dev-a")) >= 10)
+        await secure_broker.restart(down_for=0.5)
+        await sender
+        await harness.wait_for(lambda s, b: len(harness.answers("dev-a")) == count, timeout=60)
+        answers = harness.answers("dev-a")
+        assert sorted(answers) == sorted(f"t-{i}" for i in range(count))
+        assert all(isinstance(a, Result) for a in answers.values())
+
+
+async def test_a_restarted_agent_reloads_its_cached_model(
+    secure_broker: EmbeddedBroker, pki: Pki, harness: Harness, digits: DigitsModel, tmp_path: Path
+) -> None:
+    cfg = agent_config(secure_broker, pki, "dev-a", tmp_path / "a")
+    async with Device(cfg):
+        await harness.publish_model(1, shards(digits), ["dev-a"])
+        await harness.wait_for(lambda s, b: isinstance(b, ModelStatus) and b.state == "ready")
+    served = harness.server.served
+    harness.received.clear()
+    async with Device(cfg) as again:
+        await harness.wait_for(lambda s, b: isinstance(b, ModelStatus) and b.state == "ready")
+        assert again.models == {"digits": 1}
+        await harness.send("dev-a", task(1, digits.x_test[:2]))
+        result = await harness.wait_for(lambda s, b: isinstance(b, Result))
+        np.testing.assert_allclose(decode_tensor(result.outputs[0]), digits.reference[:2], rtol=1e-4, atol=1e-4)
+    assert harness.server.served == served  # nothing fetched again
+    cached = list((tmp_path / "a" / "models").rglob("digits.onnx"))
+    assert cached and digits.onnx.read_bytes()[:64] not in cached[0].read_bytes()  # stored encrypted
