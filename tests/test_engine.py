@@ -144,6 +144,9 @@ def test_device_card_and_detection() -> None:
     card = device_card("gw-1", probe_accelerators=True)
     assert card.device_id == "gw-1" and "onnx" in card.backends and card.accelerators[0] == "cpu"
     assert "CPUExecutionProvider" in card.extra["onnx_providers"]
+    assert card.extra["onnxruntime"].startswith("onnxruntime")
+    lean = device_card("gw-1")  # no probing: nothing heavy imported
+    assert "onnx_providers" not in lean.extra and lean.extra["onnxruntime"] == card.extra["onnxruntime"]
     assert card.extra["litert"] == "yes" and "tflite" in card.backends
     import torch
 

@@ -133,7 +133,9 @@ class Device:
             topics.coordinator_state(cfg.fleet),
             topics.broadcast(cfg.fleet, "models"),
         )
-        card = await asyncio.to_thread(device_card, cfg.device_id, probe_accelerators=True)
+        # Counting GPUs and NPUs imports torch: only worth it when a torch backend may run.
+        probe = not cfg.backends or any(b in ("torch", "npu") for b in cfg.backends)
+        card = await asyncio.to_thread(device_card, cfg.device_id, probe_accelerators=probe)
         if cfg.backends:
             card = type(card)(**{**_fields(card), "backends": tuple(b for b in cfg.backends if b in card.backends)})
         await t.publish(

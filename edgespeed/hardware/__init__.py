@@ -8,6 +8,16 @@ from edgespeed.hardware.detect import (
     device_card,
     litert_available,
     onnx_providers,
+    onnx_runtime_build,
 )
 
-__all__ = ["Accelerator", "cpu_info", "detect_cuda", "detect_npu", "device_card", "litert_available", "onnx_providers"]
+__all__ = [
+    "Accelerator",
+    "cpu_info",
+    "detect_cuda",
+    "detect_npu",
+    "device_card",
+    "litert_available",
+    "onnx_providers",
+    "onnx_runtime_build",
+]

@@ -1,13 +1,15 @@
 """What this device is and has: CPU, memory, CUDA GPUs, Ascend NPUs, runtimes.
 
 Cheap facts (architecture, cores, memory, which runtimes are installed) need
-no heavy import. Counting GPUs or NPUs imports torch or torch_npu, so it
-happens only when asked (``probe_accelerators=True``).
+no heavy import. Counting GPUs or NPUs imports torch or torch_npu, and listing
+onnxruntime's providers imports it, so those happen only when asked
+(``probe_accelerators=True``).
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 import importlib.util
 import os
 import platform
@@ -17,7 +19,16 @@ from edgespeed import __version__
 from edgespeed.engine.registry import available_backends
 from edgespeed.protocol.messages import DeviceCard
 
-__all__ = ["Accelerator", "cpu_info", "detect_cuda", "detect_npu", "device_card", "litert_available", "onnx_providers"]
+__all__ = [
+    "Accelerator",
+    "cpu_info",
+    "detect_cuda",
+    "detect_npu",
+    "device_card",
+    "litert_available",
+    "onnx_providers",
+    "onnx_runtime_build",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,10 +94,24 @@ def detect_npu() -> list[Accelerator]:
 
 
 def onnx_providers() -> list[str]:
-    """Execution providers of the installed onnxruntime (empty without it)."""
+    """Execution providers of the installed onnxruntime (imports it; empty without it)."""
     if importlib.util.find_spec("onnxruntime") is None:
         return []
     return list(importlib.import_module("onnxruntime").get_available_providers())
+
+
+def onnx_runtime_build() -> str:
+    """Which onnxruntime distribution is installed (``onnxruntime-gpu 1.20.0``...), without importing it.
+
+    The build names its providers (GPU, OpenVINO, CANN, ...) and importing
+    onnxruntime costs an idle agent about 20 MB.
+    """
+    for dist in importlib.metadata.distributions():
+        name = (dist.metadata["Name"] or "").lower()
+        is_runtime = name == "onnxruntime" or name.startswith(("onnxruntime-", "onnxruntime_"))
+        if is_runtime and name not in ("onnxruntime-extensions", "onnxruntime-tools"):
+            return f"{name} {dist.version}"
+    return ""
 
 
 def litert_available() -> bool:
@@ -101,9 +126,11 @@ def device_card(device_id: str, *, probe_accelerators: bool = False) -> DeviceCa
     if probe_accelerators:
         accelerators += [a.label() for a in (*detect_cuda(), *detect_npu())]
     extra = {"python": platform.python_version()}
-    providers = onnx_providers()
-    if providers:
-        extra["onnx_providers"] = ",".join(providers)
+    build = onnx_runtime_build()
+    if build:
+        extra["onnxruntime"] = build
+    if probe_accelerators and build:
+        extra["onnx_providers"] = ",".join(onnx_providers())
     if litert_available():
         extra["litert"] = "yes"
     return DeviceCard(
