@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edgespeed.errors import ConfigError
+from edgespeed.errors import ConfigError, TopicError
 from edgespeed.protocol.topics import validate_id
 from edgespeed.transport.base import Will
 from edgespeed.transport.config import MqttConfig, TlsConfig, parse_broker_url
@@ -19,6 +19,13 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 __all__ = ["AgentConfig"]
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        return tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"cannot read {path}: {exc}") from exc
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,9 +67,12 @@ class AgentConfig:
     fetch_timeout: float = 600.0
 
     def __post_init__(self) -> None:
-        validate_id(self.device_id, "device_id")
-        validate_id(self.fleet, "fleet")
-        validate_id(self.coordinator, "coordinator")
+        try:
+            validate_id(self.device_id, "device_id")
+            validate_id(self.fleet, "fleet")
+            validate_id(self.coordinator, "coordinator")
+        except TopicError as exc:
+            raise ConfigError(str(exc)) from exc
         parse_broker_url(self.broker)
         for name in ("queue_size", "max_batch", "concurrency", "cache_bytes"):
             if getattr(self, name) < 1:
@@ -74,14 +84,17 @@ class AgentConfig:
     def from_toml(cls, path: Path) -> AgentConfig:
         """Read a TOML file; relative paths are relative to the file's folder.
 
+        A ``profile = "profiles/jetson-cuda.toml"`` key reads that file first;
+        the settings of this file override the profile's.
+
         Raises:
             ConfigError: unreadable, unknown keys, or invalid values.
         """
         path = Path(path)
-        try:
-            data: dict[str, Any] = tomllib.loads(path.read_text())
-        except (OSError, tomllib.TOMLDecodeError) as exc:
-            raise ConfigError(f"cannot read {path}: {exc}") from exc
+        data = _read_toml(path)
+        if "profile" in data:
+            profile_path = path.parent / str(data.pop("profile"))
+            data = {**_read_toml(profile_path), **data}
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = data.keys() - known
         if unknown:

@@ -1,0 +1,89 @@
+"""The shipped device configurations load, and `edgespeed device run` serves a fleet."""
+
+import asyncio
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import tomllib
+
+from edgespeed.agent import AgentConfig
+from edgespeed.errors import ConfigError
+from edgespeed.protocol import topics
+from edgespeed.protocol.envelope import open_message
+from edgespeed.protocol.messages import Birth, Death
+from edgespeed.security import create_ca, issue_certificate
+from edgespeed.transport import EmbeddedBroker, MqttConfig, MqttTransport
+from tests.conftest import ROOT, take
+
+DEVICES = ROOT / "devices"
+
+
+@pytest.mark.parametrize("profile", sorted((DEVICES / "profiles").glob("*.toml")), ids=lambda p: p.stem)
+def test_example_config_with_each_profile_loads(profile: Path, tmp_path: Path) -> None:
+    (tmp_path / "profiles").mkdir()
+    (tmp_path / "profiles" / profile.name).write_text(profile.read_text())
+    example = (DEVICES / "agent.example.toml").read_text()
+    merged = tmp_path / "agent.toml"
+    merged.write_text(example.replace("profiles/generic-x86.toml", f"profiles/{profile.name}"))
+    config = AgentConfig.from_toml(merged)
+    assert config.device_id == "gw-001" and config.pki_dir == (tmp_path / "pki").resolve()
+    expected = tomllib.loads(profile.read_text())
+    assert config.backends == tuple(expected["backends"])  # from the profile
+    assert config.heartbeat_s == 10.0  # the file's own setting wins
+
+
+def test_bad_configs_are_config_errors(tmp_path: Path) -> None:
+    path = tmp_path / "agent.toml"
+    base = 'device_id = "gw-1"\nfleet = "f"\nbroker = "mqtt://127.0.0.1:1"\npki_dir = "p"\nstate_dir = "s"\n'
+    for text in (
+        base + 'colour = "blue"\n',
+        base + "queue_size = 0\n",
+        base.replace('"gw-1"', '"GW/1"'),
+        base + 'profile = "missing.toml"\n',
+    ):
+        path.write_text(text)
+        with pytest.raises(ConfigError):
+            AgentConfig.from_toml(path)
+    path.write_text("this is = = not toml")
+    with pytest.raises(ConfigError):
+        AgentConfig.from_toml(path)
+
+
+def test_systemd_unit_runs_the_agent() -> None:
+    unit = (DEVICES / "edgespeed-agent.service").read_text()
+    assert "ExecStart=/opt/edgespeed/venv/bin/edgespeed device run --config" in unit
+    assert tomllib  # the profiles are TOML; parsed above
+
+
+@pytest.mark.mosquitto
+async def test_device_run_joins_and_leaves_cleanly(tmp_path: Path) -> None:
+    ca = create_ca(tmp_path / "pki", fleet="cli")
+    issue_certificate(ca, "gw-1")
+    issue_certificate(ca, "coord", role="coordinator")
+    async with EmbeddedBroker() as broker:
+        config = tmp_path / "agent.toml"
+        config.write_text(
+            f'device_id = "gw-1"\nfleet = "cli"\nbroker = "{broker.url}"\npki_dir = "pki"\n'
+            f'state_dir = "state"\nbackends = ["onnx"]\n'
+        )
+        async with MqttTransport(MqttConfig(broker.url, "watcher")) as watcher:
+            await watcher.subscribe(topics.birth("cli", "gw-1"), topics.death("cli", "gw-1"))
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "edgespeed", "device", "run", "--config", str(config)],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+            try:
+                (birth,) = await take(watcher, 1, timeout=60)
+                _, card = open_message(birth.payload)
+                assert isinstance(card, Birth) and card.card.backends == ("onnx",)
+            finally:
+                proc.terminate()  # SIGTERM: drain and leave
+                out = await asyncio.to_thread(proc.communicate, timeout=30)
+            (death,) = await take(watcher, 1)
+            _, bye = open_message(death.payload)
+            assert isinstance(bye, Death) and bye.reason == "shutdown"
+    assert proc.returncode == 0, out
