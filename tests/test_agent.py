@@ -23,6 +23,7 @@ from edgespeed.protocol.messages import (
     Birth,
     CoordinatorState,
     Death,
+    DeviceConfig,
     Error,
     Heartbeat,
     MessageKind,
@@ -35,6 +36,7 @@ from edgespeed.protocol.tensor import decode_tensor, encode_tensor
 from edgespeed.protocol.transfer import BlobServer
 from edgespeed.security import KeyDirectory, ReplayGuard, Sealer, encrypt_blob, sign_manifest
 from edgespeed.security.blobcrypt import TAG_SIZE
+from edgespeed.security.signing import sign_message
 from edgespeed.transport import EmbeddedBroker, MqttTransport
 from tests.conftest import SECURE_FLEET, Pki, mqtt_config
 from tests.models import DigitsModel
@@ -305,3 +307,49 @@ async def test_a_restarted_agent_reloads_its_cached_model(
     assert harness.server.served == served  # nothing fetched again
     cached = list((tmp_path / "a" / "models").rglob("digits.onnx"))
     assert cached and digits.onnx.read_bytes()[:64] not in cached[0].read_bytes()  # stored encrypted
+
+
+async def test_remote_configuration_is_signed_and_applied(
+    secure_broker: EmbeddedBroker, pki: Pki, harness: Harness, tmp_path: Path
+) -> None:
+    coord_key, dev_key = pki.devices["coord"].sign_key(), pki.devices["dev-b"].sign_key()
+    topic = topics.broadcast(FLEET, "config")
+
+    async def publish(config: DeviceConfig) -> None:
+        await harness.main.publish(topic, pack_message(config, sender="coord"), retain=True)
+
+    async def settled(device: Device, version: int) -> None:
+        for _ in range(100):
+            if device.config_version == version:
+                return
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"config v{version} not applied; at v{device.config_version}")
+
+    cfg = agent_config(secure_broker, pki, "dev-a", tmp_path / "a")
+    async with Device(cfg) as dev:
+        await publish(
+            sign_message(DeviceConfig(2, {"heartbeat_s": 0.1, "max_batch": 2}), signer="coord", key=coord_key)
+        )
+        await settled(dev, 2)
+        assert dev.settings["max_batch"] == 2 and dev.settings["heartbeat_s"] == 0.1
+        refused = [
+            dataclasses.replace(
+                sign_message(DeviceConfig(3, {"max_batch": 3}), signer="coord", key=coord_key),
+                settings={"max_batch": 4096},
+            ),  # forged after signing
+            sign_message(DeviceConfig(4, {"max_batch": 4}), signer="dev-b", key=dev_key),  # not a coordinator
+            sign_message(DeviceConfig(5, {"colour": "blue"}), signer="coord", key=coord_key),  # unknown setting
+            sign_message(DeviceConfig(1, {"max_batch": 1}), signer="coord", key=coord_key),  # older
+            sign_message(DeviceConfig(6, {"max_batch": 6}, targets=("dev-b",)), signer="coord", key=coord_key),
+        ]
+        for config in refused:
+            await publish(config)
+        await publish(
+            sign_message(DeviceConfig(7, {"max_wait_ms": 1.5, "log_level": "WARNING"}), signer="coord", key=coord_key)
+        )
+        await settled(dev, 7)  # arrived after every refused one, in order
+        assert dev.settings["max_batch"] == 2 and dev.settings["max_wait_ms"] == 1.5
+        assert dev.dropped >= 4
+    async with Device(cfg) as again:  # kept across a restart
+        assert again.config_version == 7 and again.settings["max_batch"] == 2
+    await harness.main.publish(topic, b"", retain=True)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import random
 import time
@@ -45,6 +46,7 @@ from edgespeed.protocol.messages import (
     Chunk,
     CoordinatorState,
     Death,
+    DeviceConfig,
     Error,
     Heartbeat,
     Message,
@@ -58,6 +60,7 @@ from edgespeed.protocol.tensor import decode_tensor, encode_tensor
 from edgespeed.protocol.transfer import fetch_from
 from edgespeed.security import KeyDirectory, ReplayGuard, Sealer, iter_decrypted, load_identity, verify_manifest
 from edgespeed.security.blobcrypt import TAG_SIZE
+from edgespeed.security.signing import verify_signed
 from edgespeed.transport.base import Transport, Will
 from edgespeed.transport.mqtt import MqttTransport
 
@@ -107,6 +110,13 @@ class Device:
         self._accepting = True
         self._wake_outbox = asyncio.Event()
         self.dropped = 0
+        self.settings: dict[str, Any] = {
+            "heartbeat_s": config.heartbeat_s,
+            "max_batch": config.max_batch,
+            "max_wait_ms": config.max_wait_ms,
+            "log_level": logging.getLevelName(logging.getLogger("edgespeed").getEffectiveLevel()),
+        }
+        self.config_version: int | None = None
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -123,6 +133,7 @@ class Device:
 
         self._outbox = Outbox(cfg.state_dir)
         self._cache = ModelCache(cfg.state_dir / "models", cfg.cache_bytes)
+        self._load_remote_config()
         death = pack_message(Death(self.epoch, "lost"), sender=cfg.device_id)
         if self._transport is None:
             self._transport = MqttTransport(cfg.mqtt(Will(topics.death(cfg.fleet, cfg.device_id), death)))
@@ -132,6 +143,7 @@ class Device:
             topics.device_inbox(cfg.fleet, cfg.device_id),
             topics.coordinator_state(cfg.fleet),
             topics.broadcast(cfg.fleet, "models"),
+            topics.broadcast(cfg.fleet, "config"),
         )
         # Counting GPUs and NPUs imports torch: only worth it when a torch backend may run.
         probe = not cfg.backends or any(b in ("torch", "npu") for b in cfg.backends)
@@ -216,6 +228,10 @@ class Device:
                             log.warning("manifest of %s dropped: installer queue full", manifest.model_id)
                         else:
                             self._manifests.put_nowait(manifest)
+                elif message.topic == topics.broadcast(cfg.fleet, "config"):
+                    _, remote = open_message(message.payload)
+                    if isinstance(remote, DeviceConfig):
+                        self._apply_remote_config(remote)
                 elif message.topic == topics.coordinator_state(cfg.fleet):
                     _, state = open_message(message.payload)
                     if isinstance(state, CoordinatorState):
@@ -253,6 +269,35 @@ class Device:
                 )
             else:
                 self._queue.put_nowait(_Job(body, envelope.sender, time.monotonic()))
+
+    # -- remote configuration ------------------------------------------------
+
+    def _apply_remote_config(self, remote: DeviceConfig) -> None:
+        """Apply a signed configuration meant for us and newer than the last one.
+
+        Raises:
+            SecurityError: unsigned, forged, not newer, or a setting out of range (nothing is applied).
+        """
+        if remote.targets and self.config.device_id not in remote.targets:
+            return
+        if remote.version == self.config_version:
+            return  # a retained configuration seen again
+        verify_signed(remote, self._directory, installed_version=self.config_version)
+        settings = _check_settings(remote.settings)
+        self.settings.update(settings)
+        if "log_level" in settings:
+            logging.getLogger("edgespeed").setLevel(settings["log_level"])
+        self.config_version = remote.version
+        path = self.config.state_dir / "remote-config.json"
+        path.write_text(json.dumps({"version": remote.version, "settings": self.settings}))
+        log.info("applied remote configuration v%d: %s", remote.version, settings)
+
+    def _load_remote_config(self) -> None:
+        path = self.config.state_dir / "remote-config.json"
+        if path.exists():
+            saved = json.loads(path.read_text())
+            self.settings.update(_check_settings(saved["settings"]))
+            self.config_version = int(saved["version"])
 
     # -- models --------------------------------------------------------------
 
@@ -348,8 +393,8 @@ class Device:
             batch = [first]
             self._busy += 1
             try:
-                deadline = time.monotonic() + self.config.max_wait_ms / 1000
-                while len(batch) < self.config.max_batch:
+                deadline = time.monotonic() + self.settings["max_wait_ms"] / 1000
+                while len(batch) < self.settings["max_batch"]:
                     try:
                         nxt = self._queue.get_nowait()
                     except asyncio.QueueEmpty:
@@ -472,7 +517,7 @@ class Device:
         cfg = self.config
         assert self._transport is not None
         while True:
-            await asyncio.sleep(cfg.heartbeat_s * random.uniform(0.8, 1.2))
+            await asyncio.sleep(self.settings["heartbeat_s"] * random.uniform(0.8, 1.2))
             beat = Heartbeat(
                 self.epoch,
                 load=min(1e6, (self._queue.qsize() + self._busy) / cfg.queue_size),
@@ -483,6 +528,22 @@ class Device:
                 await self._transport.publish(
                     topics.heartbeat(cfg.fleet, cfg.device_id), pack_message(beat, sender=cfg.device_id), qos=0
                 )
+
+
+_SETTINGS = {
+    "heartbeat_s": lambda v: isinstance(v, int | float) and 0.05 <= v <= 3600,
+    "max_batch": lambda v: isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 4096,
+    "max_wait_ms": lambda v: isinstance(v, int | float) and 0 <= v <= 10_000,
+    "log_level": lambda v: v in ("DEBUG", "INFO", "WARNING", "ERROR"),
+}
+
+
+def _check_settings(settings: dict[str, Any]) -> dict[str, Any]:
+    for key, value in settings.items():
+        check = _SETTINGS.get(key)
+        if check is None or not check(value):
+            raise SecurityError(f"remote setting {key}={value!r} is unknown or out of range", reason="bad_config")
+    return dict(settings)
 
 
 def _fields(card: Any) -> dict[str, Any]:

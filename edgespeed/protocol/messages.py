@@ -24,6 +24,7 @@ __all__ = [
     "CoordinatorState",
     "Death",
     "DeviceCard",
+    "DeviceConfig",
     "Error",
     "Heartbeat",
     "Message",
@@ -77,6 +78,7 @@ class MessageKind(enum.IntEnum):
     RESULT = 9
     ERROR = 10
     MODEL_STATUS = 11
+    DEVICE_CONFIG = 12
 
 
 @dataclass(frozen=True, slots=True)
@@ -295,6 +297,27 @@ class ModelStatus:
             raise DecodeError(f"model state must be ready or failed, not {self.state!r}", reason="bad_body")
 
 
+@dataclass(frozen=True, slots=True)
+class DeviceConfig:
+    """Remote configuration for devices (retained on ``bcast/config``, signed by a coordinator).
+
+    ``settings`` may hold ``heartbeat_s``, ``max_batch``, ``max_wait_ms`` and
+    ``log_level``; ``targets`` names the devices it is for (empty: all).
+    A device applies only versions newer than the last it applied.
+    """
+
+    version: int
+    settings: dict[str, Any]
+    targets: tuple[str, ...] = ()
+    signer: str = ""
+    signature: bytes = b""
+
+    def __post_init__(self) -> None:
+        _check_range("version", self.version, 0, _U64)
+        for target in self.targets:
+            validate_id(target, "target")
+
+
 Message = (
     Birth
     | Death
@@ -307,6 +330,7 @@ Message = (
     | Result
     | Error
     | ModelStatus
+    | DeviceConfig
 )
 
 _CLASSES: dict[MessageKind, type[Any]] = {
@@ -321,6 +345,7 @@ _CLASSES: dict[MessageKind, type[Any]] = {
     MessageKind.RESULT: Result,
     MessageKind.ERROR: Error,
     MessageKind.MODEL_STATUS: ModelStatus,
+    MessageKind.DEVICE_CONFIG: DeviceConfig,
 }
 _KINDS = {cls: kind for kind, cls in _CLASSES.items()}
 

@@ -26,6 +26,7 @@ from edgespeed.protocol.messages import (
     CoordinatorState,
     Death,
     DeviceCard,
+    DeviceConfig,
     Error,
     Heartbeat,
     ModelManifest,
@@ -81,6 +82,7 @@ def _messages() -> list[tuple[str, Any]]:
         ("result", Result("t-1", 0, (tensor,))),
         ("error", Error("bad_input", "expected shape (1, 64)", task_id="t-1", attempt=0)),
         ("model_status", ModelStatus("digits", 2, "ready", backend="onnx")),
+        ("device_config", DeviceConfig(4, {"heartbeat_s": 5.0, "max_batch": 8}, targets=("dev-1",))),
     ]
 
 
