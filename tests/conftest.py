@@ -53,7 +53,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     base = tmp_path_factory.mktemp("pki")
     ca = create_ca(base / "ca", fleet="test")
     broker = issue_certificate(ca, "broker", role="broker")
-    roles = {"dev-a": "device", "dev-b": "device", "coord": "coordinator", "audit": "device"}
+    roles = {"dev-a": "device", "dev-b": "device", "dev-c": "device", "coord": "coordinator", "audit": "device"}
     devices = {name: issue_certificate(ca, name, role=role) for name, role in roles.items()}  # type: ignore[arg-type]
     foreign = create_ca(base / "foreign", fleet="evil")
     return Pki(ca, broker, devices, foreign, issue_certificate(foreign, "dev-a"))

@@ -123,6 +123,7 @@ class Harness:
         devices: list[str],  # type: ignore[type-arg]
         *,
         tamper: bool = False,
+        model_id: str = "digits",
     ) -> None:
         infos, variants = [], []
         key = None
@@ -133,12 +134,12 @@ class Harness:
         assert key is not None
         manifest = sign_manifest(
             ModelManifest(
-                "digits",
+                model_id,
                 version,
                 "mixed",
                 tuple(infos),
                 variants=tuple(variants),
-                keys=self.sealer.wrap_key(key, devices, context=f"digits/{version}"),
+                keys=self.sealer.wrap_key(key, devices, context=f"{model_id}/{version}"),
             ),
             signer="coord",
             key=self.pki.devices["coord"].sign_key(),
@@ -159,15 +160,9 @@ class Harness:
 
 
 def agent_config(broker: EmbeddedBroker, pki: Pki, device: str, state: Path, **kw: object) -> AgentConfig:
+    kw = {"heartbeat_s": 0.3, "max_wait_ms": 20, **kw}
     return AgentConfig(
-        device_id=device,
-        fleet=FLEET,
-        broker=broker.tls_url,
-        pki_dir=pki.ca.directory,
-        state_dir=state,
-        heartbeat_s=0.3,
-        max_wait_ms=20,
-        **kw,
+        device_id=device, fleet=FLEET, broker=broker.tls_url, pki_dir=pki.ca.directory, state_dir=state, **kw
     )  # type: ignore[arg-type]
 
 
@@ -353,3 +348,57 @@ async def test_remote_configuration_is_signed_and_applied(
     async with Device(cfg) as again:  # kept across a restart
         assert again.config_version == 7 and again.settings["max_batch"] == 2
     await harness.main.publish(topic, b"", retain=True)
+
+
+async def test_forwarding_full_queue_eviction_and_the_tflite_variant(
+    secure_broker: EmbeddedBroker, pki: Pki, harness: Harness, digits: DigitsModel, tmp_path: Path
+) -> None:
+    from edgespeed.engine.tflite import TfliteBackend
+
+    pytest.importorskip("ai_edge_litert", reason="LiteRT is an optional extra: pip install 'edgespeed[tflite]'")
+    tflite = (Path(__file__).parent / "fixtures" / "digits.tflite").read_bytes()
+    lite_variant = {"format": "tflite", "pre": [{"op": "transpose", "axes": [0, 2, 3, 1]}]}
+    # dev-c runs LiteRT with a cache too small for two models and a queue of one.
+    c_cfg = agent_config(
+        secure_broker,
+        pki,
+        "dev-c",
+        tmp_path / "c",
+        backends=("tflite",),
+        queue_size=1,
+        cache_bytes=len(tflite) + 1000,
+        max_wait_ms=0,
+    )
+    b_cfg = agent_config(secure_broker, pki, "dev-b", tmp_path / "b")
+    async with Device(c_cfg) as dev_c, Device(b_cfg):
+        await harness.publish_model(1, [*shards(digits), ("digits.tflite", tflite, lite_variant)], ["dev-b", "dev-c"])
+        ready = await harness.wait_for(lambda s, b: s == "dev-c" and isinstance(b, ModelStatus))
+        assert (ready.state, ready.backend) == ("ready", "tflite")
+        await harness.wait_for(lambda s, b: s == "dev-b" and isinstance(b, ModelStatus))
+
+        # The result of a task with reply_to goes sealed to that device, not to the coordinator:
+        # dev-b's answer lands in dev-c's inbox as an unexpected Result, which dev-c opens and ignores.
+        x = digits.x_test[:3]
+        forwarded = dataclasses.replace(task(1, x), reply_to="dev-c")
+        await harness.send("dev-b", forwarded)
+        await harness.send("dev-c", task(2, x))
+        answer = await harness.wait_for(lambda s, b: s == "dev-c" and isinstance(b, Result) and b.task_id == "t-2")
+        expected = TfliteBackend().load(tflite).run([np.ascontiguousarray(x.transpose(0, 2, 3, 1))])[0]
+        np.testing.assert_allclose(decode_tensor(answer.outputs[0]), expected, rtol=1e-5, atol=1e-5)
+        await asyncio.sleep(0.5)
+        assert "t-1" not in harness.answers("dev-b")  # it went to dev-c, as asked
+        assert dev_c.dropped == 0  # and dev-c could open it: sealed for dev-c by dev-b
+
+        # A burst bigger than the queue: some tasks are refused with queue_full, none goes unanswered.
+        for i in range(10, 40):
+            await harness.send("dev-c", task(i, digits.x_test[:64]))
+        burst = {f"t-{i}" for i in range(10, 40)}
+        await harness.wait_for(lambda s, b: burst <= set(harness.answers("dev-c")))
+        codes = [getattr(harness.answers("dev-c")[f"t-{i}"], "code", "ok") for i in range(10, 40)]
+        assert "queue_full" in codes and "ok" in codes and set(codes) <= {"ok", "queue_full"}
+
+        # A second model does not fit next to the first: the least recently used one is evicted.
+        await harness.publish_model(1, [("other.tflite", tflite, lite_variant)], ["dev-c"], model_id="other")
+        await harness.wait_for(lambda s, b: s == "dev-c" and isinstance(b, ModelStatus) and b.model_id == "other")
+        assert dev_c.models == {"other": 1}
+        assert sorted(p.name for p in (tmp_path / "c" / "models").iterdir() if p.is_dir()) == ["other"]
