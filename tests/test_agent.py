@@ -402,3 +402,24 @@ async def test_forwarding_full_queue_eviction_and_the_tflite_variant(
         await harness.wait_for(lambda s, b: s == "dev-c" and isinstance(b, ModelStatus) and b.model_id == "other")
         assert dev_c.models == {"other": 1}
         assert sorted(p.name for p in (tmp_path / "c" / "models").iterdir() if p.is_dir()) == ["other"]
+
+
+async def test_close_drains_queued_tasks_before_leaving(
+    secure_broker: EmbeddedBroker, pki: Pki, harness: Harness, digits: DigitsModel, tmp_path: Path
+) -> None:
+    cfg = agent_config(secure_broker, pki, "dev-a", tmp_path / "a", max_batch=1, max_wait_ms=0)
+    device = Device(cfg)
+    await device.__aenter__()
+    await harness.publish_model(1, shards(digits), ["dev-a"])
+    await harness.wait_for(lambda s, b: isinstance(b, ModelStatus) and b.state == "ready")
+    for i in range(20):
+        await harness.send("dev-a", task(i, digits.x_test[:32]))
+    await harness.wait_for(lambda s, b: len(harness.answers("dev-a")) >= 1)  # work is under way
+    await device.close()  # must answer what it took before leaving
+    await harness.wait_for(lambda s, b: len(harness.answers("dev-a")) == 20)
+    answers = list(harness.answers("dev-a").values())
+    # Taken before the close: a result. Arriving during it: a clear refusal, never silence.
+    assert all(isinstance(a, Result) or getattr(a, "code", "") == "shutting_down" for a in answers)
+    assert sum(isinstance(a, Result) for a in answers) >= 10
+    death = await harness.wait_for(lambda s, b: isinstance(b, Death))
+    assert death.reason == "shutdown"
