@@ -1,5 +1,6 @@
 """The certs and broker-config commands, used the way an operator would, against a real Mosquitto."""
 
+import asyncio
 import subprocess
 import sys
 from pathlib import Path
@@ -7,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from edgespeed.errors import ConnectError
-from edgespeed.transport import MqttTransport, TlsConfig
+from edgespeed.transport import MqttConfig, MqttTransport, TlsConfig
 from edgespeed.transport.broker import find_mosquitto, free_port
 from tests.conftest import mqtt_config
 
@@ -16,6 +17,19 @@ EDGESPEED = [sys.executable, "-m", "edgespeed"]
 
 def es(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([*EDGESPEED, *args], capture_output=True, text=True, timeout=60)
+
+
+async def heartbeat_once(config: MqttConfig) -> None:
+    """Connect as a fleet device once the broker process listens (up to 10 s), and publish a heartbeat."""
+    for _ in range(100):
+        try:
+            async with MqttTransport(config) as t:
+                await t.publish("es/1/plant/dev/dev-1/hb", b"alive")
+            return
+        except ConnectError as exc:
+            last = exc
+            await asyncio.sleep(0.1)
+    pytest.fail(f"the broker did not accept {config.client_id}: {last}")
 
 
 def test_certs_lifecycle(tmp_path: Path) -> None:
@@ -69,18 +83,7 @@ async def test_rendered_production_config_runs_under_stock_mosquitto(tmp_path: P
         def tls(name: str) -> TlsConfig:
             return TlsConfig(pki / "ca.crt", pki / f"{name}.crt", pki / f"{name}.key")
 
-        cfg = mqtt_config(url, "dev-1", tls=tls("dev-1"))
-        for _ in range(50):
-            try:
-                async with MqttTransport(cfg) as t:
-                    await t.publish("es/1/plant/dev/dev-1/hb", b"alive")
-                break
-            except ConnectError:
-                import asyncio
-
-                await asyncio.sleep(0.1)
-        else:
-            pytest.fail("the rendered config did not accept dev-1")
+        await heartbeat_once(mqtt_config(url, "dev-1", tls=tls("dev-1")))
         with pytest.raises(ConnectError):
             async with MqttTransport(mqtt_config(url, "dev-2", tls=tls("dev-2"))):
                 pass
@@ -93,7 +96,6 @@ async def test_rendered_production_config_runs_under_stock_mosquitto(tmp_path: P
 async def test_broker_run_with_the_fleet_pki(tmp_path: Path) -> None:
     if find_mosquitto() is None:
         pytest.skip("mosquitto is not installed")
-    import asyncio
     import signal
 
     pki = tmp_path / "pki"
@@ -124,15 +126,7 @@ async def test_broker_run_with_the_fleet_pki(tmp_path: Path) -> None:
     try:
         url = f"mqtts://127.0.0.1:{port}"
         tls = TlsConfig(pki / "ca.crt", pki / "dev-1.crt", pki / "dev-1.key")
-        for _ in range(100):
-            try:
-                async with MqttTransport(mqtt_config(url, "dev-1", tls=tls)) as t:
-                    await t.publish("es/1/plant/dev/dev-1/hb", b"alive")
-                break
-            except ConnectError:
-                await asyncio.sleep(0.1)
-        else:
-            pytest.fail("broker run --pki did not accept a fleet device")
+        await heartbeat_once(mqtt_config(url, "dev-1", tls=tls))
         with pytest.raises(ConnectError):  # no certificate, no entry
             async with MqttTransport(mqtt_config(url, "dev-1", tls=TlsConfig(pki / "ca.crt"))):
                 pass

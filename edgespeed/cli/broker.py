@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import signal
 from pathlib import Path
 
 import typer
 
-from edgespeed.cli._common import console, fail
+from edgespeed.cli._common import console, fail, stop_signal
 from edgespeed.errors import EdgeSpeedError
 from edgespeed.transport import BrokerSettings, BrokerTls, EmbeddedBroker
 from edgespeed.transport.broker import production_settings, render_mosquitto_config
@@ -93,10 +92,7 @@ def run(
 
 
 async def _serve(settings: BrokerSettings) -> None:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+    stop = stop_signal()
     async with EmbeddedBroker(settings) as broker:
         console.print(f"[green]broker running[/] ({broker.backend})")
         with contextlib.suppress(EdgeSpeedError):

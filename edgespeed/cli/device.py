@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import signal
 from pathlib import Path
 
 import typer
 from rich.table import Table
 
 from edgespeed.agent import AgentConfig, Device
-from edgespeed.cli._common import console, fail
+from edgespeed.cli._common import console, fail, stop_signal
 from edgespeed.errors import EdgeSpeedError
 from edgespeed.hardware import device_card
 
@@ -27,10 +26,7 @@ def run(config: Path = typer.Option(..., "--config", "-c", help="The agent's TOM
 
 
 async def _serve(config: AgentConfig) -> None:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+    stop = stop_signal()
     async with Device(config) as device:
         console.print(f"[green]{config.device_id}[/] joined fleet {config.fleet} at {config.broker}")
         console.print(f"  backends: {', '.join(device.card.backends) or 'none'}; state in {config.state_dir}")
