@@ -423,3 +423,22 @@ async def test_close_drains_queued_tasks_before_leaving(
     assert sum(isinstance(a, Result) for a in answers) >= 10
     death = await harness.wait_for(lambda s, b: isinstance(b, Death))
     assert death.reason == "shutdown"
+
+
+async def test_a_result_too_large_for_the_broker_becomes_an_error(
+    secure_broker: EmbeddedBroker, pki: Pki, harness: Harness, digits: DigitsModel, tmp_path: Path
+) -> None:
+    from edgespeed.transport.base import Will
+
+    cfg = agent_config(secure_broker, pki, "dev-a", tmp_path / "a")
+    death = pack_message(Death(0), sender="dev-a")
+    small = cfg.mqtt(Will(topics.death(FLEET, "dev-a"), death)).replace(max_packet_size=8 * 1024)
+    async with Device(cfg, transport=MqttTransport(small)):
+        await harness.publish_model(1, shards(digits), ["dev-a"])
+        await harness.wait_for(lambda s, b: isinstance(b, ModelStatus) and b.state == "ready")
+        await harness.send("dev-a", task(1, digits.x_test[:2]))  # 80 bytes of logits: fits
+        await harness.send("dev-a", task(2, np.repeat(digits.x_test, 2, axis=0)))  # 23 KiB of logits: does not
+        await harness.wait_for(lambda s, b: len(harness.answers("dev-a")) == 2)
+        answers = harness.answers("dev-a")
+        assert isinstance(answers["t-1"], Result)
+        assert getattr(answers["t-2"], "code", None) == "result_too_large"

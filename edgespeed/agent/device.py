@@ -32,6 +32,7 @@ from edgespeed.errors import (
     BackendError,
     EdgeSpeedError,
     NotConnectedError,
+    PayloadTooLargeError,
     ProtocolError,
     ReplayError,
     SecurityError,
@@ -241,6 +242,9 @@ class Device:
             except (ProtocolError, SecurityError) as exc:
                 self.dropped += 1
                 log.warning("dropped a message on %s: %s", message.topic, exc)
+            except Exception:  # the dispatcher must outlive any one message
+                self.dropped += 1
+                log.exception("failed handling a message on %s", message.topic)
 
     async def _on_inbox(self, payload: bytes) -> None:
         envelope, body = self._sealer.open(payload, allow_plain={MessageKind.CHUNK, MessageKind.ERROR})
@@ -497,6 +501,15 @@ class Device:
             log.info("answer kept in the outbox (%s)", exc)
             self._wake_outbox.set()
             return False
+        except PayloadTooLargeError as exc:
+            # Retrying would never succeed: replace the answer by an error that fits.
+            self._outbox.remove(row)
+            log.error("answer to %s is too large to send: %s", recipient, exc)
+            if isinstance(message, Result):
+                await self._send(
+                    recipient, Error("result_too_large", str(exc), task_id=message.task_id, attempt=message.attempt)
+                )
+            return True
         self._outbox.remove(row)
         return True
 
@@ -509,9 +522,12 @@ class Device:
             assert self._transport is not None
             if not self._transport.connected:
                 continue
-            for row, recipient, topic, message in self._outbox.pending():
-                if not await self._deliver(row, recipient, topic, message):
-                    break
+            try:
+                for row, recipient, topic, message in self._outbox.pending():
+                    if not await self._deliver(row, recipient, topic, message):
+                        break
+            except Exception:  # the flusher must outlive any one message; they stay in the outbox
+                log.exception("sending the outbox failed; retrying")
 
     async def _heartbeat(self) -> None:
         cfg = self.config
