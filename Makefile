@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 DEPS   := $(VENV)/.deps-installed
+# The demo needs only the core and the fallback broker; the tests need the ML runtimes too.
+DEMO_DEPS := $(VENV)/.demo-deps-installed
 
 .PHONY: demo test test-fast test-fuzz lint vectors mosquitto clean help
 
@@ -16,6 +18,11 @@ $(BIN)/python:
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 10))' || \
 	  { echo "EdgeSpeed needs Python 3.10 or newer ($(PYTHON) is older)"; exit 1; }
 	$(PYTHON) -m venv $(VENV)
+
+$(DEMO_DEPS): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[broker]'
+	@touch $@
 
 $(DEPS): pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install -q --upgrade pip
@@ -40,7 +47,7 @@ mosquitto:
 	  exit 1; \
 	fi
 
-demo: $(DEPS)
+demo: $(DEMO_DEPS)
 	$(BIN)/edgespeed demo
 
 test: $(DEPS) mosquitto lint

@@ -87,3 +87,26 @@ async def test_device_run_joins_and_leaves_cleanly(tmp_path: Path) -> None:
             _, bye = open_message(death.payload)
             assert isinstance(bye, Death) and bye.reason == "shutdown"
     assert proc.returncode == 0, out
+
+
+async def test_an_agent_that_cannot_join_fails_clearly_and_closes_what_it_opened(tmp_path: Path) -> None:
+    import sqlite3
+
+    from edgespeed.agent import Device
+    from edgespeed.errors import ConnectError
+    from edgespeed.transport.broker import free_port
+
+    ca = create_ca(tmp_path / "pki", fleet="cli")
+    issue_certificate(ca, "gw-1")
+    config = AgentConfig(
+        device_id="gw-1",
+        fleet="cli",
+        broker=f"mqtt://127.0.0.1:{free_port()}",
+        pki_dir=ca.directory,
+        state_dir=tmp_path / "state",
+    )
+    device = Device(config)
+    with pytest.raises(ConnectError):
+        await device.__aenter__()
+    with pytest.raises(sqlite3.ProgrammingError):
+        device._outbox.pending()  # closed

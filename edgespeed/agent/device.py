@@ -133,6 +133,21 @@ class Device:
         from edgespeed.agent.outbox import Outbox  # sqlite3 only when an agent runs
 
         self._outbox = Outbox(cfg.state_dir)
+        try:
+            await self._start()
+        except BaseException:
+            # Leave nothing half open: tasks, the connection, the outbox's database.
+            for task in self._tasks:
+                task.cancel()
+            if self._transport is not None:
+                with contextlib.suppress(Exception):
+                    await self._transport.close()
+            self._outbox.close()
+            raise
+        return self
+
+    async def _start(self) -> None:
+        cfg = self.config
         self._cache = ModelCache(cfg.state_dir / "models", cfg.cache_bytes)
         self._load_remote_config()
         death = pack_message(Death(self.epoch, "lost"), sender=cfg.device_id)
@@ -167,7 +182,6 @@ class Device:
         ]
         for manifest in self._cache.manifests():  # reload what was installed before a restart
             self._manifests.put_nowait(manifest)
-        return self
 
     async def close(self, *, drain_timeout: float = 10.0) -> None:
         """Stop taking tasks, finish those queued (up to ``drain_timeout``), send what is owed, leave."""

@@ -196,7 +196,7 @@ class MqttTransport(Transport):
             if not fut.done():
                 fut.set_exception(closed)
         if self._connack is not None and not self._connack.done():
-            self._connack.set_exception(closed)
+            self._connack.cancel()  # nobody waits on it any more
         self._pending_pub.clear()
         self._pending_sub.clear()
         self._connected.clear()
