@@ -20,6 +20,7 @@ PACKAGES = [
     "edgespeed.engine.registry",
     "edgespeed.hardware",
     "edgespeed.pipeline",
+    "edgespeed.coordinator",
 ]
 
 

@@ -1,0 +1,320 @@
+"""The coordinator's durable ledger of tasks, attempts, results and rollouts.
+
+SQLite (WAL) by default; PostgreSQL when several coordinators share a fleet.
+Every state change is one conditional ``UPDATE ... RETURNING``, so two
+coordinators cannot both claim a task or both complete it, and a restarted
+coordinator finds its unfinished tasks where it left them.
+
+A task is ``pending`` until a device is given it (``dispatched``, with a lease
+and an attempt number), then ``done`` with the first result that arrives or
+``failed`` with a reason (``deadline``, or what the device said). A dispatched
+task whose lease runs out is due again. Results are accepted only for an
+attempt that was given to the device that answers.
+
+The API is synchronous (a call is a short transaction); async callers use
+``asyncio.to_thread`` so the event loop never waits on the database.
+"""
+
+from __future__ import annotations
+
+import abc
+import enum
+import re
+import sqlite3
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import msgpack
+
+from edgespeed.errors import ConfigError, MissingDependencyError
+
+__all__ = ["Ledger", "PostgresLedger", "SqliteLedger", "TaskRecord", "TaskState", "now_ms"]
+
+_PREFIX = re.compile(r"[a-z_][a-z0-9_]{0,30}")
+_OPEN = ("pending", "dispatched")
+
+
+def now_ms() -> int:
+    """Unix time in milliseconds."""
+    return time.time_ns() // 1_000_000
+
+
+class TaskState(enum.Enum):
+    """Where a task is."""
+
+    PENDING = "pending"
+    DISPATCHED = "dispatched"
+    DONE = "done"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True, slots=True)
+class TaskRecord:
+    """A task as the ledger holds it."""
+
+    task_id: str
+    model_id: str
+    inputs: tuple[bytes, ...]
+    deadline_ms: int
+    state: TaskState
+    attempt: int
+    device_id: str | None
+    lease_until_ms: int
+    outputs: tuple[bytes, ...] | None
+    error_code: str | None
+    error_message: str | None
+    created_ms: int
+
+
+def _pack(items: Sequence[bytes]) -> bytes:
+    return msgpack.packb([bytes(i) for i in items], use_bin_type=True)  # type: ignore[no-any-return]
+
+
+def _unpack(blob: bytes | memoryview | None) -> tuple[bytes, ...] | None:
+    if blob is None:
+        return None
+    return tuple(msgpack.unpackb(bytes(blob), raw=False))
+
+
+class Ledger(abc.ABC):
+    """Tasks, attempts, results and rollouts, durably. Subclasses supply the connection."""
+
+    _blob = "BLOB"
+    _columns = (
+        "task_id, model_id, inputs, deadline_ms, state, attempt, device_id, lease_until_ms, outputs, "
+        "error_code, error_message, created_ms"
+    )
+
+    def __init__(self, prefix: str) -> None:
+        if _PREFIX.fullmatch(prefix) is None:
+            raise ConfigError(f"ledger table prefix must match {_PREFIX.pattern}")
+        self._t = f"{prefix}_tasks"
+        self._a = f"{prefix}_attempts"
+        self._r = f"{prefix}_rollouts"
+        self._lock = threading.Lock()
+
+    @abc.abstractmethod
+    def _run(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        """Execute one statement in its own transaction and return its rows."""
+
+    def _schema(self) -> None:
+        b = self._blob
+        self._run(
+            f"CREATE TABLE IF NOT EXISTS {self._t} (task_id TEXT PRIMARY KEY, model_id TEXT NOT NULL, "
+            f"inputs {b} NOT NULL, deadline_ms BIGINT NOT NULL, state TEXT NOT NULL, attempt INTEGER NOT NULL, "
+            f"device_id TEXT, lease_until_ms BIGINT NOT NULL, outputs {b}, error_code TEXT, error_message TEXT, "
+            "created_ms BIGINT NOT NULL, updated_ms BIGINT NOT NULL)"
+        )
+        self._run(f"CREATE INDEX IF NOT EXISTS {self._t}_due ON {self._t} (state, lease_until_ms)")
+        self._run(
+            f"CREATE TABLE IF NOT EXISTS {self._a} (task_id TEXT NOT NULL, attempt INTEGER NOT NULL, "
+            "device_id TEXT NOT NULL, given_ms BIGINT NOT NULL, PRIMARY KEY (task_id, attempt))"
+        )
+        self._run(
+            f"CREATE TABLE IF NOT EXISTS {self._r} (model_id TEXT NOT NULL, version BIGINT NOT NULL, "
+            "device_id TEXT NOT NULL, state TEXT NOT NULL, reason TEXT NOT NULL, updated_ms BIGINT NOT NULL, "
+            "PRIMARY KEY (model_id, version, device_id))"
+        )
+
+    # -- tasks ---------------------------------------------------------------
+
+    def add(self, task_id: str, model_id: str, inputs: Sequence[bytes], deadline_ms: int) -> bool:
+        """Record a new pending task; False if the id is already known (submitting twice is harmless)."""
+        now = now_ms()
+        rows = self._run(
+            f"INSERT INTO {self._t} (task_id, model_id, inputs, deadline_ms, state, attempt, lease_until_ms, "
+            "created_ms, updated_ms) VALUES (?, ?, ?, ?, 'pending', 0, 0, ?, ?) "
+            "ON CONFLICT (task_id) DO NOTHING RETURNING task_id",
+            (task_id, model_id, _pack(inputs), deadline_ms, now, now),
+        )
+        return bool(rows)
+
+    def claim(self, task_id: str, device_id: str, *, lease_ms: int, now: int | None = None) -> int | None:
+        """Give a due task to ``device_id``; returns the new attempt number, or None if not due."""
+        now = now_ms() if now is None else now
+        rows = self._run(
+            f"UPDATE {self._t} SET state = 'dispatched', attempt = attempt + 1, device_id = ?, "
+            "lease_until_ms = ?, updated_ms = ? WHERE task_id = ? AND deadline_ms > ? "
+            "AND (state = 'pending' OR (state = 'dispatched' AND lease_until_ms <= ?)) RETURNING attempt",
+            (device_id, now + lease_ms, now, task_id, now, now),
+        )
+        if not rows:
+            return None
+        attempt = int(rows[0][0])
+        self._run(
+            f"INSERT INTO {self._a} (task_id, attempt, device_id, given_ms) VALUES (?, ?, ?, ?)",
+            (task_id, attempt, device_id, now),
+        )
+        return attempt
+
+    def release(self, task_id: str, attempt: int) -> bool:
+        """Make a dispatched task due again at once (its device was lost)."""
+        rows = self._run(
+            f"UPDATE {self._t} SET state = 'pending', lease_until_ms = 0, updated_ms = ? "
+            "WHERE task_id = ? AND attempt = ? AND state = 'dispatched' RETURNING task_id",
+            (now_ms(), task_id, attempt),
+        )
+        return bool(rows)
+
+    def _was_given(self, task_id: str, attempt: int, device_id: str) -> bool:
+        rows = self._run(
+            f"SELECT 1 FROM {self._a} WHERE task_id = ? AND attempt = ? AND device_id = ?",
+            (task_id, attempt, device_id),
+        )
+        return bool(rows)
+
+    def complete(self, task_id: str, attempt: int, device_id: str, outputs: Sequence[bytes]) -> bool:
+        """Record a result. True only for the first result of an attempt given to that device."""
+        if not self._was_given(task_id, attempt, device_id):
+            return False  # a task or attempt this device was never given
+        rows = self._run(
+            f"UPDATE {self._t} SET state = 'done', outputs = ?, device_id = ?, updated_ms = ? "
+            "WHERE task_id = ? AND state IN ('pending', 'dispatched') RETURNING task_id",
+            (_pack(outputs), device_id, now_ms(), task_id),
+        )
+        return bool(rows)
+
+    def fail(self, task_id: str, attempt: int, device_id: str, code: str, message: str) -> bool:
+        """Record a device's error for a task. True if it ended the task."""
+        if not self._was_given(task_id, attempt, device_id):
+            return False
+        rows = self._run(
+            f"UPDATE {self._t} SET state = 'failed', error_code = ?, error_message = ?, updated_ms = ? "
+            "WHERE task_id = ? AND state IN ('pending', 'dispatched') RETURNING task_id",
+            (code, message, now_ms(), task_id),
+        )
+        return bool(rows)
+
+    def expire(self, *, now: int | None = None) -> list[str]:
+        """Fail every unfinished task whose deadline has passed; returns their ids."""
+        now = now_ms() if now is None else now
+        rows = self._run(
+            f"UPDATE {self._t} SET state = 'failed', error_code = 'deadline', "
+            "error_message = 'the deadline passed before a result came', updated_ms = ? "
+            "WHERE state IN ('pending', 'dispatched') AND deadline_ms <= ? RETURNING task_id",
+            (now, now),
+        )
+        return sorted(str(r[0]) for r in rows)
+
+    def due(self, *, now: int | None = None, limit: int = 100) -> list[TaskRecord]:
+        """Unfinished tasks that need a device: pending, or dispatched with their lease run out."""
+        now = now_ms() if now is None else now
+        rows = self._run(
+            f"SELECT {self._columns} FROM {self._t} WHERE deadline_ms > ? AND "
+            "(state = 'pending' OR (state = 'dispatched' AND lease_until_ms <= ?)) ORDER BY created_ms LIMIT ?",
+            (now, now, limit),
+        )
+        return [self._record(r) for r in rows]
+
+    def get(self, task_id: str) -> TaskRecord | None:
+        """A task by id."""
+        rows = self._run(f"SELECT {self._columns} FROM {self._t} WHERE task_id = ?", (task_id,))
+        return self._record(rows[0]) if rows else None
+
+    def counts(self) -> dict[str, int]:
+        """How many tasks are in each state."""
+        found = {str(s): int(n) for s, n in self._run(f"SELECT state, COUNT(*) FROM {self._t} GROUP BY state")}
+        return {state.value: found.get(state.value, 0) for state in TaskState}
+
+    @staticmethod
+    def _record(row: tuple[Any, ...]) -> TaskRecord:
+        inputs = _unpack(row[2]) or ()
+        return TaskRecord(
+            task_id=str(row[0]),
+            model_id=str(row[1]),
+            inputs=inputs,
+            deadline_ms=int(row[3]),
+            state=TaskState(row[4]),
+            attempt=int(row[5]),
+            device_id=row[6],
+            lease_until_ms=int(row[7]),
+            outputs=_unpack(row[8]),
+            error_code=row[9],
+            error_message=row[10],
+            created_ms=int(row[11]),
+        )
+
+    # -- rollouts ------------------------------------------------------------
+
+    def set_rollout(self, model_id: str, version: int, device_id: str, state: str, reason: str = "") -> None:
+        """Record a device's report on a model version."""
+        self._run(
+            f"INSERT INTO {self._r} (model_id, version, device_id, state, reason, updated_ms) "
+            "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (model_id, version, device_id) DO UPDATE SET "
+            "state = excluded.state, reason = excluded.reason, updated_ms = excluded.updated_ms",
+            (model_id, version, device_id, state, reason, now_ms()),
+        )
+
+    def rollouts(self, model_id: str, version: int) -> dict[str, tuple[str, str]]:
+        """Each device's state and reason for a model version."""
+        rows = self._run(
+            f"SELECT device_id, state, reason FROM {self._r} WHERE model_id = ? AND version = ?", (model_id, version)
+        )
+        return {str(d): (str(s), str(r)) for d, s, r in rows}
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Close the connection."""
+
+
+class SqliteLedger(Ledger):
+    """The ledger in a SQLite file (WAL mode), for one coordinator.
+
+    Args:
+        path: the database file.
+        prefix: table name prefix.
+    """
+
+    def __init__(self, path: Path, *, prefix: str = "es") -> None:
+        super().__init__(prefix)
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute("PRAGMA busy_timeout=5000")
+        self._schema()
+
+    def _run(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        with self._lock:
+            return self._db.execute(sql, tuple(params)).fetchall()
+
+    def close(self) -> None:
+        self._db.close()
+
+
+class PostgresLedger(Ledger):
+    """The ledger in PostgreSQL, shared by several coordinators.
+
+    Args:
+        dsn: a libpq connection string, e.g. ``host=db dbname=edgespeed user=coord``.
+        prefix: table name prefix (several fleets may share a database).
+        connect_timeout: seconds.
+    """
+
+    _blob = "BYTEA"
+
+    def __init__(self, dsn: str, *, prefix: str = "es", connect_timeout: int = 10) -> None:
+        super().__init__(prefix)
+        try:
+            import psycopg
+        except ImportError as exc:
+            raise MissingDependencyError("psycopg", "postgres") from exc
+        self._db = psycopg.connect(dsn, autocommit=True, connect_timeout=connect_timeout)
+        self._schema()
+
+    def _run(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        with self._lock:
+            cursor = self._db.execute(sql.replace("?", "%s"), tuple(params))  # type: ignore[arg-type]
+            return list(cursor.fetchall()) if cursor.description else []
+
+    def drop(self) -> None:
+        """Remove this ledger's tables (tests, decommissioning)."""
+        for table in (self._t, self._a, self._r):
+            self._run(f"DROP TABLE IF EXISTS {table}")
+
+    def close(self) -> None:
+        self._db.close()

@@ -1,0 +1,142 @@
+"""The coordinator's ledger, on SQLite and on the real PostgreSQL server of this machine."""
+
+import threading
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from edgespeed.coordinator import Ledger, PostgresLedger, SqliteLedger, TaskState
+from edgespeed.coordinator.ledger import now_ms
+from edgespeed.errors import ConfigError
+
+PG_DSN = "host=127.0.0.1 dbname=test user=postgres"
+
+
+def _postgres_or_skip() -> None:
+    psycopg = pytest.importorskip("psycopg", reason="psycopg is needed: pip install 'edgespeed[postgres]'")
+    try:
+        psycopg.connect(PG_DSN, connect_timeout=3).close()
+    except psycopg.OperationalError as exc:
+        pytest.skip(f"no PostgreSQL at 127.0.0.1:5432 ({exc})")
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def open_ledger(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callable[[], Ledger]]:
+    """A factory: every call opens a new connection to the same ledger, as a restart or a peer would."""
+    opened: list[Ledger] = []
+    if request.param == "postgres":
+        _postgres_or_skip()
+        prefix = f"t_{uuid.uuid4().hex[:10]}"
+
+        def make() -> Ledger:
+            opened.append(PostgresLedger(PG_DSN, prefix=prefix))
+            return opened[-1]
+    else:
+
+        def make() -> Ledger:
+            opened.append(SqliteLedger(tmp_path / "ledger.db"))
+            return opened[-1]
+
+    yield make
+    for ledger in opened:
+        ledger.close()
+    if request.param == "postgres":
+        cleaner = PostgresLedger(PG_DSN, prefix=prefix)
+        cleaner.drop()
+        cleaner.close()
+
+
+def test_a_task_from_submission_to_its_first_result(open_ledger: Callable[[], Ledger]) -> None:
+    ledger = open_ledger()
+    deadline = now_ms() + 60_000
+    assert ledger.add("t-1", "digits", [b"in"], deadline)
+    assert not ledger.add("t-1", "digits", [b"other"], deadline)  # submitting twice is harmless
+    assert [t.task_id for t in ledger.due()] == ["t-1"]
+    assert ledger.claim("t-1", "dev-a", lease_ms=5000) == 1
+    assert ledger.claim("t-1", "dev-b", lease_ms=5000) is None  # leased to dev-a
+    assert ledger.due() == []
+    assert not ledger.complete("t-1", 1, "dev-b", [b"out"])  # never given to dev-b
+    assert not ledger.complete("t-1", 2, "dev-a", [b"out"])  # an attempt that does not exist
+    assert ledger.complete("t-1", 1, "dev-a", [b"out"])
+    assert not ledger.complete("t-1", 1, "dev-a", [b"again"])  # duplicates are ignored
+    record = ledger.get("t-1")
+    assert record is not None and record.state is TaskState.DONE and record.outputs == (b"out",)
+    assert record.inputs == (b"in",)
+    assert ledger.counts() == {"pending": 0, "dispatched": 0, "done": 1, "failed": 0}
+
+
+def test_leases_redispatch_and_the_first_result_wins(open_ledger: Callable[[], Ledger]) -> None:
+    ledger = open_ledger()
+    now = now_ms()
+    ledger.add("t-1", "digits", [b"in"], now + 60_000)
+    assert ledger.claim("t-1", "dev-a", lease_ms=1000, now=now) == 1
+    assert [t.task_id for t in ledger.due(now=now + 1500)] == ["t-1"]  # dev-a's lease ran out
+    assert ledger.claim("t-1", "dev-b", lease_ms=1000, now=now + 1500) == 2
+    assert ledger.complete("t-1", 1, "dev-a", [b"late but first"])  # the first result wins
+    assert not ledger.complete("t-1", 2, "dev-b", [b"second"])
+    assert ledger.get("t-1").outputs == (b"late but first",)  # type: ignore[union-attr]
+    ledger.add("t-2", "digits", [b"in"], now + 60_000)
+    assert ledger.claim("t-2", "dev-a", lease_ms=60_000) == 1
+    assert ledger.release("t-2", 1)  # dev-a died: due again at once
+    assert ledger.claim("t-2", "dev-b", lease_ms=60_000) == 2
+    assert ledger.fail("t-2", 2, "dev-b", "bad_input", "wrong shape")
+    failed = ledger.get("t-2")
+    assert failed is not None and failed.state is TaskState.FAILED and failed.error_code == "bad_input"
+
+
+def test_deadlines_end_tasks(open_ledger: Callable[[], Ledger]) -> None:
+    ledger = open_ledger()
+    now = now_ms()
+    ledger.add("soon", "m", [], now + 1000)
+    ledger.add("later", "m", [], now + 60_000)
+    ledger.claim("soon", "dev-a", lease_ms=60_000, now=now)
+    assert ledger.claim("later", "dev-a", lease_ms=1, now=now + 70_000) is None  # past its deadline
+    assert ledger.expire(now=now + 2000) == ["soon"]
+    assert ledger.get("soon").error_code == "deadline"  # type: ignore[union-attr]
+    assert [t.task_id for t in ledger.due(now=now + 2000)] == ["later"]
+
+
+def test_a_restarted_coordinator_finds_its_unfinished_tasks(open_ledger: Callable[[], Ledger]) -> None:
+    first = open_ledger()
+    deadline = now_ms() + 60_000
+    for i in range(5):
+        first.add(f"t-{i}", "digits", [b"x"], deadline)
+    first.claim("t-0", "dev-a", lease_ms=60_000)
+    first.complete("t-0", 1, "dev-a", [b"y"])
+    first.claim("t-1", "dev-a", lease_ms=60_000)
+    first.set_rollout("digits", 3, "dev-a", "ready")
+    first.set_rollout("digits", 3, "dev-b", "failed", "no_backend")
+    first.close()
+    again = open_ledger()
+    assert [t.task_id for t in again.due()] == ["t-2", "t-3", "t-4"]  # t-1 is still leased
+    assert again.counts() == {"pending": 3, "dispatched": 1, "done": 1, "failed": 0}
+    assert again.rollouts("digits", 3) == {"dev-a": ("ready", ""), "dev-b": ("failed", "no_backend")}
+
+
+def test_two_coordinators_never_claim_the_same_task(open_ledger: Callable[[], Ledger]) -> None:
+    ledgers = [open_ledger() for _ in range(4)]
+    deadline = now_ms() + 60_000
+    for i in range(50):
+        ledgers[0].add(f"t-{i}", "m", [], deadline)
+    claims: list[tuple[str, int]] = []
+    lock = threading.Lock()
+
+    def coordinator(ledger: Ledger, name: str) -> None:
+        for i in range(50):
+            if ledger.claim(f"t-{i}", name, lease_ms=60_000) is not None:
+                with lock:
+                    claims.append((f"t-{i}", 1))
+
+    threads = [threading.Thread(target=coordinator, args=(ledger, f"c-{n}")) for n, ledger in enumerate(ledgers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert sorted(task for task, _ in claims) == sorted(f"t-{i}" for i in range(50))  # each exactly once
+
+
+def test_table_prefix_is_validated(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError):
+        SqliteLedger(tmp_path / "x.db", prefix="es; DROP TABLE x")
