@@ -21,6 +21,7 @@ PACKAGES = [
     "edgespeed.hardware",
     "edgespeed.pipeline",
     "edgespeed.coordinator",
+    "edgespeed.coordinator.policies",
 ]
 
 
