@@ -140,3 +140,18 @@ def test_two_coordinators_never_claim_the_same_task(open_ledger: Callable[[], Le
 def test_table_prefix_is_validated(tmp_path: Path) -> None:
     with pytest.raises(ConfigError):
         SqliteLedger(tmp_path / "x.db", prefix="es; DROP TABLE x")
+
+
+def test_a_claim_that_fails_half_way_leaves_the_task_due(open_ledger: Callable[[], Ledger]) -> None:
+    """Break the second statement of a claim for real: the first must be rolled back with it."""
+    ledger = open_ledger()
+    ledger.add("t-1", "m", [], now_ms() + 60_000)
+    attempts = ledger._a
+    ledger._run(f"ALTER TABLE {attempts} RENAME TO {attempts}_away")
+    with pytest.raises(Exception, match=r"(?i)attempts"):
+        ledger.claim("t-1", "dev-a", lease_ms=60_000)
+    ledger._run(f"ALTER TABLE {attempts}_away RENAME TO {attempts}")
+    record = ledger.get("t-1")
+    assert record is not None and record.state is TaskState.PENDING and record.attempt == 0
+    assert ledger.claim("t-1", "dev-a", lease_ms=60_000) == 1
+    assert ledger.complete("t-1", 1, "dev-a", [b"ok"])  # the attempt row exists: the result is accepted

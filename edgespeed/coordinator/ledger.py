@@ -18,12 +18,13 @@ The API is synchronous (a call is a short transaction); async callers use
 from __future__ import annotations
 
 import abc
+import contextlib
 import enum
 import re
 import sqlite3
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -95,11 +96,16 @@ class Ledger(abc.ABC):
         self._t = f"{prefix}_tasks"
         self._a = f"{prefix}_attempts"
         self._r = f"{prefix}_rollouts"
-        self._lock = threading.Lock()
+        # Reentrant: a transaction holds it while its statements run.
+        self._lock = threading.RLock()
 
     @abc.abstractmethod
     def _run(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
-        """Execute one statement in its own transaction and return its rows."""
+        """Execute one statement (in its own transaction unless inside `_transaction`) and return its rows."""
+
+    @abc.abstractmethod
+    def _transaction(self) -> contextlib.AbstractContextManager[None]:
+        """Run the statements inside as one transaction: all or none."""
 
     def _schema(self) -> None:
         b = self._blob
@@ -136,6 +142,11 @@ class Ledger(abc.ABC):
     def claim(self, task_id: str, device_id: str, *, lease_ms: int, now: int | None = None) -> int | None:
         """Give a due task to ``device_id``; returns the new attempt number, or None if not due."""
         now = now_ms() if now is None else now
+        with self._transaction():
+            return self._claim(task_id, device_id, lease_ms, now)
+
+    def _claim(self, task_id: str, device_id: str, lease_ms: int, now: int) -> int | None:
+        # The task's new attempt and the record of who was given it land together, or neither does.
         rows = self._run(
             f"UPDATE {self._t} SET state = 'dispatched', attempt = attempt + 1, device_id = ?, "
             "lease_until_ms = ?, updated_ms = ? WHERE task_id = ? AND deadline_ms > ? "
@@ -282,6 +293,17 @@ class SqliteLedger(Ledger):
         with self._lock:
             return self._db.execute(sql, tuple(params)).fetchall()
 
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[None]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
     def close(self) -> None:
         self._db.close()
 
@@ -310,6 +332,11 @@ class PostgresLedger(Ledger):
         with self._lock:
             cursor = self._db.execute(sql.replace("?", "%s"), tuple(params))  # type: ignore[arg-type]
             return list(cursor.fetchall()) if cursor.description else []
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[None]:
+        with self._lock, self._db.transaction():
+            yield
 
     def drop(self) -> None:
         """Remove this ledger's tables (tests, decommissioning)."""
