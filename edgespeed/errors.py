@@ -21,6 +21,7 @@ code, with the original kept as ``__cause__``::
     │   └── TransportClosedError    the transport was closed or never opened
     ├── BrokerError                 the embedded broker failed to start or run
     ├── BackendError                an inference backend refused a model or an input, or failed
+    ├── TaskError                   a task ended without a result (``code``: deadline, no_capable_device, ...)
     └── SecurityError               a payload, key or file failed a security check
         ├── UnknownPeerError        no valid fleet certificate for that id
         ├── SealError               cannot open: tampered, wrong key, not sealed, wrong recipient
@@ -53,6 +54,7 @@ __all__ = [
     "SealError",
     "SecurityError",
     "SignatureError",
+    "TaskError",
     "TensorError",
     "TopicError",
     "TransportClosedError",
@@ -160,6 +162,20 @@ class BackendError(EdgeSpeedError):
 
     def __init__(self, message: str, *, reason: str = "backend_failure") -> None:
         self.reason = reason
+        super().__init__(message)
+
+
+class TaskError(EdgeSpeedError):
+    """A task ended without a result.
+
+    ``code`` says why: ``deadline``, ``no_capable_device``, ``unknown_model``,
+    ``attempts_exhausted``, or what the device reported (``bad_input``,
+    ``backend_failure``, ``result_too_large``, ...). ``task_id`` names the task.
+    """
+
+    def __init__(self, message: str, *, code: str, task_id: str = "") -> None:
+        self.code = code
+        self.task_id = task_id
         super().__init__(message)
 
 

@@ -58,6 +58,7 @@ class Harness:
         self.received: list[tuple[str, object]] = []
         self.arrived = asyncio.Event()
         self.server = BlobServer(self.blobs, fleet=FLEET, server_id="coord")
+        self.published: set[str] = set()
 
     async def __aenter__(self) -> "Harness":
         await self.main.__aenter__()
@@ -77,7 +78,8 @@ class Harness:
     async def __aexit__(self, *exc: object) -> None:
         for t in self._tasks:
             t.cancel()
-        await self.main.publish(topics.broadcast(FLEET, "models"), b"", retain=True)
+        for model_id in self.published:
+            await self.main.publish(topics.model_manifest(FLEET, model_id), b"", retain=True)
         await self.main.close()
         await self.blobs.close()
 
@@ -146,7 +148,10 @@ class Harness:
         )
         if tamper:
             manifest = dataclasses.replace(manifest, version=version + 1)
-        await self.main.publish(topics.broadcast(FLEET, "models"), pack_message(manifest, sender="coord"), retain=True)
+        self.published.add(model_id)
+        await self.main.publish(
+            topics.model_manifest(FLEET, model_id), pack_message(manifest, sender="coord"), retain=True
+        )
 
     async def send(self, device: str, task: Task) -> None:
         await self.main.publish(topics.device_inbox(FLEET, device), self.sealer.seal(task, recipient=device))

@@ -155,3 +155,21 @@ def test_a_claim_that_fails_half_way_leaves_the_task_due(open_ledger: Callable[[
     assert record is not None and record.state is TaskState.PENDING and record.attempt == 0
     assert ledger.claim("t-1", "dev-a", lease_ms=60_000) == 1
     assert ledger.complete("t-1", 1, "dev-a", [b"ok"])  # the attempt row exists: the result is accepted
+
+
+def test_a_lost_device_gives_back_its_tasks_and_aborted_tasks_end(open_ledger: Callable[[], Ledger]) -> None:
+    ledger = open_ledger()
+    deadline = now_ms() + 60_000
+    for i in range(4):
+        ledger.add(f"t-{i}", "digits", [b"in"], deadline)
+    for i, device in enumerate(["dev-a", "dev-a", "dev-b"]):
+        assert ledger.claim(f"t-{i}", device, lease_ms=60_000) == 1
+    assert ledger.release_device("dev-a") == ["t-0", "t-1"]
+    assert ledger.release_device("dev-a") == []
+    assert sorted(t.task_id for t in ledger.due()) == ["t-0", "t-1", "t-3"]
+    assert ledger.claim("t-0", "dev-b", lease_ms=60_000) == 2
+    assert not ledger.complete("t-0", 1, "dev-b", [b"x"])  # attempt 1 was dev-a's
+    assert ledger.abort("t-3", "no_capable_device", "nothing runs tflite")
+    assert not ledger.abort("t-3", "again", "already ended")
+    record = ledger.get("t-3")
+    assert record is not None and record.state is TaskState.FAILED and record.error_code == "no_capable_device"

@@ -40,6 +40,16 @@ def test_epochs_make_stale_deaths_and_heartbeats_harmless() -> None:
     assert not registry.on_heartbeat("dev-x", Heartbeat(1, 0.0, 0))  # never born
 
 
+def test_a_retained_birth_gets_no_work_until_its_session_heartbeats() -> None:
+    registry = Registry(clock=Clock())
+    registry.on_birth(Birth(card("dev-a"), epoch=5), retained=True)  # maybe long dead
+    assert registry.online() == []
+    assert registry.get("dev-a").status is DeviceStatus.SUSPECT  # type: ignore[union-attr]
+    assert registry.on_birth(Birth(card("dev-a"), epoch=5)) is None  # the same birth again changes nothing
+    assert registry.on_heartbeat("dev-a", Heartbeat(5, 0.0, 0))
+    assert [d.device_id for d in registry.online()] == ["dev-a"]
+
+
 def test_missed_heartbeats_make_a_device_suspect_then_lost() -> None:
     clock = Clock()
     registry = Registry(heartbeat_s=10, suspect_after=2.5, lost_after=5, clock=clock)

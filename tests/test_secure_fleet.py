@@ -161,8 +161,10 @@ async def test_eavesdropper_with_full_rights_sees_no_plaintext(
             )
             server = BlobServer(coord, fleet=FLEET, server_id="coord")
             server.add(source)
-            await dev.subscribe(topics.broadcast(FLEET, "models"))
-            await coord.publish(topics.broadcast(FLEET, "models"), pack_message(manifest, sender="coord"), retain=True)
+            await dev.subscribe(topics.model_filter(FLEET))
+            await coord.publish(
+                topics.model_manifest(FLEET, manifest.model_id), pack_message(manifest, sender="coord"), retain=True
+            )
             async for message in dev.messages():
                 _, received = open_message(message.payload)
                 break
@@ -203,7 +205,7 @@ async def test_eavesdropper_with_full_rights_sees_no_plaintext(
     topics_seen = {m.topic for m in seen}
     assert topics.device_inbox(FLEET, "dev-a") in topics_seen  # chunks and the task
     assert topics.coordinator_inbox(FLEET, "dev-a") in topics_seen  # chunk requests and the result
-    assert topics.broadcast(FLEET, "models") in topics_seen
+    assert topics.model_manifest(FLEET, "marker-model") in topics_seen
     assert sum(len(m.payload) for m in seen) > len(weights)  # the whole rollout went past the auditor
     for message in seen:
         for marker in (INPUT_MARKER, OUTPUT_MARKER, WEIGHT_MARKER):

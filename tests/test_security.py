@@ -160,6 +160,26 @@ def test_out_of_order_within_the_window(pki: Pki, directory: KeyDirectory, clock
         dev.open(payloads[3])
 
 
+def test_processes_sharing_an_identity_seal_on_their_own_lanes(pki: Pki, directory: KeyDirectory, clock: Clock) -> None:
+    # A coordinator and a CLI beside it both seal as "coord"; their sequences interleave.
+    main = sealer(pki, directory, "coord", clock)
+    cli = Sealer("coord", pki.devices["coord"].seal_key(), directory, replay=None, clock=clock, lane=7)
+    dev = sealer(pki, directory, "dev-a", clock)
+    late = cli.seal(TASK, recipient="dev-a")
+    clock.now += 1  # one second of the main process's traffic: far beyond one lane's window
+    for _ in range(100):
+        dev.open(main.seal(TASK, recipient="dev-a"))
+    dev.open(late)  # its own lane: accepted
+    with pytest.raises(ReplayError):
+        dev.open(late)
+    same_lane = sealer(pki, directory, "coord", clock)
+    old = same_lane.seal(TASK, recipient="dev-a")
+    clock.now += 1
+    dev.open(main.seal(TASK, recipient="dev-a"))
+    with pytest.raises(ReplayError, match="below the window"):
+        dev.open(old)  # without lanes, the same interleaving is refused
+
+
 def test_stale_and_future_messages(pki: Pki, directory: KeyDirectory, clock: Clock) -> None:
     coord, dev = sealer(pki, directory, "coord", clock), sealer(pki, directory, "dev-a", clock)
     old = coord.seal(TASK, recipient="dev-a")

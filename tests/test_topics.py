@@ -16,6 +16,7 @@ def test_builders_and_parser_agree() -> None:
         topics.coordinator_inbox("f1", "dev-1"): TopicName(TopicKind.COORDINATOR_INBOX, "f1", "dev-1"),
         topics.coordinator_state("f1"): TopicName(TopicKind.COORDINATOR_STATE, "f1"),
         topics.broadcast("f1", "models"): TopicName(TopicKind.BROADCAST, "f1", "models"),
+        topics.model_manifest("f1", "digits"): TopicName(TopicKind.MODEL, "f1", "digits"),
     }
     for topic, expected in cases.items():
         assert topic.startswith("es/1/f1/")

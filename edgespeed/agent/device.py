@@ -110,6 +110,7 @@ class Device:
         self._online = asyncio.Event()
         self._accepting = True
         self._wake_outbox = asyncio.Event()
+        self._beat_now = asyncio.Event()
         self.dropped = 0
         self.settings: dict[str, Any] = {
             "heartbeat_s": config.heartbeat_s,
@@ -158,8 +159,9 @@ class Device:
         await t.subscribe(
             topics.device_inbox(cfg.fleet, cfg.device_id),
             topics.coordinator_state(cfg.fleet),
-            topics.broadcast(cfg.fleet, "models"),
+            topics.model_filter(cfg.fleet),
             topics.broadcast(cfg.fleet, "config"),
+            topics.broadcast(cfg.fleet, "discover"),
         )
         # Counting GPUs and NPUs imports torch: only worth it when a torch backend may run.
         probe = not cfg.backends or any(b in ("torch", "npu") for b in cfg.backends)
@@ -232,13 +234,18 @@ class Device:
         cfg = self.config
         assert self._transport is not None
         inbox = topics.device_inbox(cfg.fleet, cfg.device_id)
+        models_prefix = topics.broadcast(cfg.fleet, "models") + "/"
         async for message in self._transport.messages():
             try:
                 if message.topic == inbox:
                     await self._on_inbox(message.payload)
-                elif message.topic == topics.broadcast(cfg.fleet, "models"):
+                elif message.topic.startswith(models_prefix):
+                    if not message.payload:
+                        continue  # a retained manifest withdrawn
                     _, manifest = open_message(message.payload)
-                    if isinstance(manifest, ModelManifest):
+                    if isinstance(manifest, ModelManifest) and message.topic == topics.model_manifest(
+                        cfg.fleet, manifest.model_id
+                    ):
                         if self._manifests.full():
                             log.warning("manifest of %s dropped: installer queue full", manifest.model_id)
                         else:
@@ -247,6 +254,10 @@ class Device:
                     _, remote = open_message(message.payload)
                     if isinstance(remote, DeviceConfig):
                         self._apply_remote_config(remote)
+                elif message.topic == topics.broadcast(cfg.fleet, "discover"):
+                    _, hello = open_message(message.payload)
+                    if isinstance(hello, CoordinatorState):
+                        self._beat_now.set()  # a coordinator (re)starting wants to know who is alive
                 elif message.topic == topics.coordinator_state(cfg.fleet):
                     _, state = open_message(message.payload)
                     if isinstance(state, CoordinatorState):
@@ -547,7 +558,10 @@ class Device:
         cfg = self.config
         assert self._transport is not None
         while True:
-            await asyncio.sleep(self.settings["heartbeat_s"] * random.uniform(0.8, 1.2))
+            with contextlib.suppress(TimeoutError):
+                async with timeout_after(self.settings["heartbeat_s"] * random.uniform(0.8, 1.2)):
+                    await self._beat_now.wait()
+            self._beat_now.clear()
             beat = Heartbeat(
                 self.epoch,
                 load=min(1e6, (self._queue.qsize() + self._busy) / cfg.queue_size),

@@ -171,6 +171,24 @@ class Ledger(abc.ABC):
         )
         return bool(rows)
 
+    def release_device(self, device_id: str) -> list[str]:
+        """Make every task dispatched to ``device_id`` due again (the device was lost); returns their ids."""
+        rows = self._run(
+            f"UPDATE {self._t} SET state = 'pending', lease_until_ms = 0, updated_ms = ? "
+            "WHERE device_id = ? AND state = 'dispatched' RETURNING task_id",
+            (now_ms(), device_id),
+        )
+        return sorted(str(r[0]) for r in rows)
+
+    def abort(self, task_id: str, code: str, message: str) -> bool:
+        """End an unfinished task with an error no device reported (no capable device, too many attempts)."""
+        rows = self._run(
+            f"UPDATE {self._t} SET state = 'failed', error_code = ?, error_message = ?, updated_ms = ? "
+            "WHERE task_id = ? AND state IN ('pending', 'dispatched') RETURNING task_id",
+            (code, message, now_ms(), task_id),
+        )
+        return bool(rows)
+
     def _was_given(self, task_id: str, attempt: int, device_id: str) -> bool:
         rows = self._run(
             f"SELECT 1 FROM {self._a} WHERE task_id = ? AND attempt = ? AND device_id = ?",

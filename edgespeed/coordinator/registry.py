@@ -70,12 +70,17 @@ class Registry:
         self._clock = clock
         self._devices: dict[str, DeviceInfo] = {}
 
-    def on_birth(self, birth: Birth) -> DeviceInfo | None:
-        """A device (re)joined; returns its entry, or None for a birth older than the one known."""
+    def on_birth(self, birth: Birth, *, retained: bool = False) -> DeviceInfo | None:
+        """A device (re)joined; returns its entry, or None for a birth not newer than the one known.
+
+        A retained birth (delivered on subscribing) only says the device existed:
+        it stays ``suspect`` (no work) until a heartbeat of that session arrives.
+        """
         current = self._devices.get(birth.card.device_id)
-        if current is not None and birth.epoch < current.epoch:
+        if current is not None and birth.epoch <= current.epoch:
             return None
-        info = DeviceInfo(birth.card, birth.epoch, DeviceStatus.ONLINE, self._clock())
+        status = DeviceStatus.SUSPECT if retained else DeviceStatus.ONLINE
+        info = DeviceInfo(birth.card, birth.epoch, status, self._clock())
         self._devices[birth.card.device_id] = info
         return info
 

@@ -86,7 +86,8 @@ class TorchBackend(Backend):
     def _run(self, inputs: Sequence[np.ndarray[Any, Any]]) -> list[np.ndarray[Any, Any]]:
         torch = _torch()
         try:
-            tensors = [torch.from_numpy(np.ascontiguousarray(x)).to(self._device) for x in inputs]
+            # Decoded inputs are read-only views of the message; torch wants memory it may write.
+            tensors = [torch.from_numpy(_writable(x)).to(self._device) for x in inputs]
             with torch.inference_mode():
                 out = self._model(*tensors)
         except (RuntimeError, TypeError, ValueError) as exc:  # shape and dtype mismatches
@@ -105,3 +106,8 @@ class TorchBackend(Backend):
     def close(self) -> None:
         self._model = None
         super().close()
+
+
+def _writable(x: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+    x = np.ascontiguousarray(x)
+    return x if x.flags.writeable else x.copy()

@@ -12,6 +12,7 @@ to its topics and lets a receiver tell the sender from the topic alone::
     es/1/<fleet>/coord/in/<sender>     coordinator inbox, one sub-topic per sender
     es/1/<fleet>/coord/state           retained coordinator online/offline state
     es/1/<fleet>/bcast/<channel>       broadcast to the whole fleet
+    es/1/<fleet>/bcast/models/<model>  retained signed manifest of one model
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ __all__ = [
     "device_filter",
     "device_inbox",
     "heartbeat",
+    "model_filter",
+    "model_manifest",
     "parse_topic",
     "validate_id",
 ]
@@ -53,6 +56,7 @@ class TopicKind(enum.Enum):
     COORDINATOR_INBOX = "coord-in"
     COORDINATOR_STATE = "coord-state"
     BROADCAST = "bcast"
+    MODEL = "model"
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,6 +119,16 @@ def broadcast(fleet: str, channel: str) -> str:
     return f"{PREFIX}/{validate_id(fleet, 'fleet')}/bcast/{validate_id(channel, 'channel')}"
 
 
+def model_manifest(fleet: str, model_id: str) -> str:
+    """Retained topic of one model's signed manifest (one topic per model, so each stays retained)."""
+    return f"{broadcast(fleet, 'models')}/{validate_id(model_id, 'model id')}"
+
+
+def model_filter(fleet: str) -> str:
+    """Subscription filter for every model's manifest."""
+    return f"{broadcast(fleet, 'models')}/+"
+
+
 def device_filter(fleet: str, leaf: str) -> str:
     """Subscription filter for one leaf of every device, e.g. all births."""
     if leaf not in {"in", "birth", "death", "hb"}:
@@ -151,6 +165,8 @@ def parse_topic(topic: str) -> TopicName:
             return TopicName(TopicKind.COORDINATOR_INBOX, fleet, validate_id(sender, "sender id"))
         case ["coord", "state"]:
             return TopicName(TopicKind.COORDINATOR_STATE, fleet)
+        case ["bcast", "models", model]:
+            return TopicName(TopicKind.MODEL, fleet, validate_id(model, "model id"))
         case ["bcast", channel]:
             return TopicName(TopicKind.BROADCAST, fleet, validate_id(channel, "channel"))
     raise TopicError(f"unknown EdgeSpeed topic: {topic!r}", reason="unknown_topic")

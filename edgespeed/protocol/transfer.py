@@ -21,7 +21,7 @@ from edgespeed.protocol import topics
 from edgespeed.protocol.blob import BlobAssembler, BlobSource
 from edgespeed.protocol.envelope import decode_header, open_message, pack_message
 from edgespeed.protocol.messages import BlobInfo, Chunk, ChunkRequest, Error, MessageKind
-from edgespeed.transport.base import Transport
+from edgespeed.transport.base import Message, Transport
 
 __all__ = ["BlobServer", "fetch_blob", "fetch_from"]
 
@@ -54,35 +54,47 @@ class BlobServer:
         return source.info
 
     async def run(self) -> None:
-        """Serve until cancelled or the transport closes."""
+        """Subscribe to the coordinator inbox and serve until cancelled or the transport closes."""
         inbox = f"{topics.PREFIX}/{self._fleet}/coord/in/+"
         await self._transport.subscribe(inbox)
         try:
             async for message in self._transport.messages():
-                try:
-                    name = topics.parse_topic(message.topic)
-                    header, _ = decode_header(message.payload)
-                    if header.kind != MessageKind.CHUNK_REQUEST:
-                        continue  # results and reports for whoever else reads the coordinator inbox
-                    envelope, request = open_message(message.payload)
-                except ProtocolError as exc:
-                    self.rejected += 1
-                    log.warning("dropped a bad message on %s: %s", message.topic, exc)
-                    continue
-                if name.id != envelope.sender or not isinstance(request, ChunkRequest):
-                    self.rejected += 1
-                    log.warning("dropped %s from %r on %s", envelope.kind.name, envelope.sender, message.topic)
-                    continue
-                await self._slots.acquire()
-                task = asyncio.create_task(self._answer(envelope.sender, request, envelope.message_id))
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
+                await self.handle(message)
         finally:
-            for task in self._tasks:
-                task.cancel()
+            self.stop()
             # Left behind, the filter would deliver later coordinator traffic twice.
             with contextlib.suppress(Exception):
                 await asyncio.shield(self._transport.unsubscribe(inbox))
+
+    async def handle(self, message: Message) -> bool:
+        """Answer ``message`` if it is a chunk request; False for anything else (left to the caller).
+
+        Waits while ``concurrency`` chunks are being published already.
+        """
+        try:
+            name = topics.parse_topic(message.topic)
+            header, _ = decode_header(message.payload)
+            if header.kind != MessageKind.CHUNK_REQUEST:
+                return False  # results and reports for whoever else reads the coordinator inbox
+            envelope, request = open_message(message.payload)
+        except ProtocolError as exc:
+            self.rejected += 1
+            log.warning("dropped a bad message on %s: %s", message.topic, exc)
+            return True
+        if name.id != envelope.sender or not isinstance(request, ChunkRequest):
+            self.rejected += 1
+            log.warning("dropped %s from %r on %s", envelope.kind.name, envelope.sender, message.topic)
+            return True
+        await self._slots.acquire()
+        task = asyncio.create_task(self._answer(envelope.sender, request, envelope.message_id))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return True
+
+    def stop(self) -> None:
+        """Cancel the chunks being published."""
+        for task in list(self._tasks):
+            task.cancel()
 
     async def _answer(self, requester: str, request: ChunkRequest, request_id: bytes) -> None:
         try:

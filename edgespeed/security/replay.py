@@ -18,7 +18,9 @@ class ReplayGuard:
     """Accepts each (sender, sequence) once.
 
     Sequences may arrive out of order within a window of 64 below the highest
-    seen; older ones are refused. State lives in SQLite (WAL), written on every
+    seen; older ones are refused. The top 8 bits of a sequence name a lane
+    (one per process sealing under a shared identity); each lane has its own
+    window. State lives in SQLite (WAL), written on every
     accepted message, so a restarted receiver still refuses what it took before.
 
     Args:
@@ -46,6 +48,9 @@ class ReplayGuard:
         Raises:
             ReplayError: seen before, or too far below the highest seen.
         """
+        lane = sequence >> 56
+        if lane:
+            sender, sequence = f"{sender}#{lane}", sequence & ((1 << 56) - 1)
         with self._lock:
             high, seen = self._cache.get(sender, (-1, 0))
             if sequence > high:

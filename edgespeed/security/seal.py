@@ -51,6 +51,9 @@ _OVERHEAD = _EPOCH.size + _NONCE + _TAG
 _WRAP_AAD = b"edgespeed/wrap/v1|"
 
 
+_LANE_MASK = (1 << 56) - 1
+
+
 class Sealer:
     """Seals messages for peers and opens messages from them.
 
@@ -63,6 +66,10 @@ class Sealer:
         max_skew: seconds a sender's clock may run ahead of ours.
         rotation: seconds per key epoch; keys rotate at epoch boundaries.
         clock: Unix time in seconds.
+        lane: 0 to 255, the top 8 bits of every sequence. Processes that share
+            an identity (coordinator replicas, a CLI beside a running
+            coordinator) seal on different lanes; receivers keep a replay
+            window per sender and lane.
     """
 
     def __init__(
@@ -76,7 +83,11 @@ class Sealer:
         max_skew: float = 30.0,
         rotation: float = 86400.0,
         clock: Callable[[], float] = time.time,
+        lane: int = 0,
     ) -> None:
+        if not 0 <= lane <= 255:
+            raise ValueError("lane must be 0..255")
+        self.lane = lane
         self.identity = validate_id(identity, "identity")
         self._key = seal_key
         self._directory = directory
@@ -112,7 +123,7 @@ class Sealer:
         # Microseconds since the epoch: increasing across restarts without
         # keeping state, as long as the clock does not step back.
         self._last_sequence = max(self._last_sequence + 1, int(self._clock() * 1_000_000))
-        return self._last_sequence
+        return (self.lane << 56) | (self._last_sequence & _LANE_MASK)
 
     # -- sealing -----------------------------------------------------------
 

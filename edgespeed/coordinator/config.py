@@ -1,0 +1,119 @@
+"""The coordinator's configuration, read from TOML."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+from edgespeed.agent.config import _read_toml
+from edgespeed.errors import ConfigError, TopicError
+from edgespeed.protocol.topics import validate_id
+from edgespeed.transport.base import Will
+from edgespeed.transport.config import MqttConfig, TlsConfig, parse_broker_url
+
+__all__ = ["POLICIES", "CoordinatorConfig"]
+
+POLICIES = ("least-loaded", "round-robin")
+
+
+@dataclass(frozen=True, slots=True)
+class CoordinatorConfig:
+    """Everything a coordinator needs.
+
+    Attributes:
+        fleet: the fleet id.
+        broker: broker URL (``mqtts://`` in production).
+        pki_dir: ``ca.crt``, the coordinator's certificate and keys, and the devices' certificates.
+        state_dir: the ledger (unless ``ledger`` names PostgreSQL), the replay window and the model store.
+        coordinator_id: the coordinator's id (its certificate's common name).
+        ledger: empty for SQLite in ``state_dir``; a PostgreSQL connection string
+            (``postgresql://...`` or ``host=... dbname=...``) for a ledger shared by several coordinators.
+        ledger_prefix: table name prefix in the ledger.
+        policy: placement among capable devices: ``least-loaded`` or ``round-robin``.
+        heartbeat_s: the heartbeat interval the devices use; a device silent for
+            2.5 intervals is suspect (no new work), for 5 lost (its work goes elsewhere).
+        lease_s: seconds a device holds a task before it is given to another.
+        deadline_s: default deadline of a task.
+        max_attempts: dispatches of one task before it fails.
+        max_inflight: tasks outstanding on one device at most; more wait in the ledger.
+        shared_group: an MQTT shared-subscription group name: coordinators in
+            the same group split the device answers between them (they must share a
+            PostgreSQL ledger). Empty: every coordinator hears everything.
+        presence: publish the retained online state (and its offline will).
+    """
+
+    fleet: str
+    broker: str
+    pki_dir: Path
+    state_dir: Path
+    coordinator_id: str = "coord"
+    ledger: str = ""
+    ledger_prefix: str = "es"
+    policy: str = "least-loaded"
+    heartbeat_s: float = 10.0
+    lease_s: float = 30.0
+    deadline_s: float = 30.0
+    max_attempts: int = 5
+    max_inflight: int = 32
+    shared_group: str = ""
+    presence: bool = True
+
+    def __post_init__(self) -> None:
+        try:
+            validate_id(self.fleet, "fleet")
+            validate_id(self.coordinator_id, "coordinator_id")
+            if self.shared_group:
+                validate_id(self.shared_group, "shared_group")
+        except TopicError as exc:
+            raise ConfigError(str(exc)) from exc
+        parse_broker_url(self.broker)
+        if self.policy not in POLICIES:
+            raise ConfigError(f"unknown policy {self.policy!r}; known: {', '.join(POLICIES)}")
+        if min(self.heartbeat_s, self.lease_s, self.deadline_s) <= 0:
+            raise ConfigError("heartbeat_s, lease_s and deadline_s must be positive")
+        if self.max_attempts < 1 or self.max_inflight < 1:
+            raise ConfigError("max_attempts and max_inflight must be at least 1")
+        if self.shared_group and not self.ledger:
+            raise ConfigError("shared_group needs a ledger the coordinators share (a PostgreSQL connection string)")
+
+    @classmethod
+    def from_toml(cls, path: Path) -> CoordinatorConfig:
+        """Read a TOML file; relative paths are relative to the file's folder.
+
+        Raises:
+            ConfigError: unreadable, unknown keys, or invalid values.
+        """
+        path = Path(path)
+        data = _read_toml(path)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = data.keys() - known
+        if unknown:
+            raise ConfigError(f"{path}: unknown settings {sorted(unknown)}; known: {sorted(known)}")
+        for key in ("pki_dir", "state_dir"):
+            if key in data:
+                data[key] = (path.parent / data[key]).resolve()
+        try:
+            return cls(**data)
+        except TypeError as exc:
+            raise ConfigError(f"{path}: {exc}") from exc
+
+    def mqtt(self, client_id: str, *, will: Will | None, persistent: bool) -> MqttConfig:
+        """The transport configuration: mutual TLS from ``pki_dir`` when the URL says TLS.
+
+        A persistent session (the long-running coordinator) keeps what devices
+        send while it is away; short-lived clients (the CLI) leave nothing behind.
+        """
+        tls = None
+        if parse_broker_url(self.broker).tls:
+            name = self.coordinator_id
+            tls = TlsConfig(self.pki_dir / "ca.crt", self.pki_dir / f"{name}.crt", self.pki_dir / f"{name}.key")
+        return MqttConfig(
+            self.broker,
+            client_id,
+            tls=tls,
+            will=will,
+            clean_start=not persistent,
+            session_expiry=3600 if persistent else 0,
+            queue_size=1024,
+        )

@@ -1,0 +1,133 @@
+"""The coordinator's model store: what it published, kept so it can serve it again.
+
+One folder per model version under ``<state_dir>/models/<model>/<version>/``:
+the signed manifest (as sent), the shards as ciphertext (exactly the bytes
+devices fetch), the content key (mode 0600, like the other private keys), and
+the target selector. A restarted coordinator, or one started beside the CLI
+that published, serves the chunks and wraps the key for devices that join
+later.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from edgespeed.errors import ConfigError, SecurityError
+from edgespeed.protocol.envelope import open_message, pack_message
+from edgespeed.protocol.messages import ModelManifest, validate_blob_id
+from edgespeed.protocol.topics import validate_id
+
+__all__ = ["ModelStore", "StoredModel"]
+
+_VERSION = re.compile(r"[0-9]{1,19}")
+
+
+@dataclass(frozen=True, slots=True)
+class StoredModel:
+    """A published model version and what serving it needs."""
+
+    manifest: ModelManifest
+    key: bytes
+    shards: dict[str, Path]
+    targets: str
+
+    @property
+    def model_id(self) -> str:
+        return self.manifest.model_id
+
+    @property
+    def version(self) -> int:
+        return self.manifest.version
+
+
+class ModelStore:
+    """Published models on disk.
+
+    Args:
+        root: the store's folder (created, mode 0700).
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+
+    def _dir(self, model_id: str, version: int) -> Path:
+        return self.root / validate_id(model_id, "model id") / str(int(version))
+
+    def versions(self, model_id: str) -> list[int]:
+        """The stored versions of a model, oldest first."""
+        folder = self.root / validate_id(model_id, "model id")
+        if not folder.is_dir():
+            return []
+        return sorted(int(p.name) for p in folder.iterdir() if _VERSION.fullmatch(p.name) and p.is_dir())
+
+    def next_version(self, model_id: str) -> int:
+        """One more than the newest stored version (1 for a new model)."""
+        versions = self.versions(model_id)
+        return versions[-1] + 1 if versions else 1
+
+    def shard_path(self, model_id: str, version: int, shard: str) -> Path:
+        """Where a shard's ciphertext goes (the folder is created)."""
+        folder = self._dir(model_id, version)
+        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        return folder / validate_blob_id(shard)
+
+    def save(self, manifest: ModelManifest, key: bytes, targets: str) -> None:
+        """Record the signed manifest, its content key and its targets (the shards are written already).
+
+        Raises:
+            ConfigError: a shard the manifest names is missing.
+        """
+        folder = self._dir(manifest.model_id, manifest.version)
+        for shard in manifest.shards:
+            if not (folder / shard.name).is_file():
+                raise ConfigError(f"shard {shard.name} of {manifest.model_id} v{manifest.version} is not stored")
+        key_file = folder / "content.key"
+        fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(key)
+        (folder / "manifest.msg").write_bytes(bytes(pack_message(manifest, sender=manifest.signer)))
+        (folder / "meta.json").write_text(json.dumps({"targets": targets}))
+
+    def update_manifest(self, manifest: ModelManifest) -> None:
+        """Replace a stored version's manifest (keys wrapped for more devices)."""
+        folder = self._dir(manifest.model_id, manifest.version)
+        (folder / "manifest.msg").write_bytes(bytes(pack_message(manifest, sender=manifest.signer)))
+
+    def load(self, model_id: str, version: int) -> StoredModel | None:
+        """A stored version, or None if it is not here (or incomplete).
+
+        Raises:
+            SecurityError: the content key file is readable by others.
+        """
+        folder = self._dir(model_id, version)
+        manifest_file, key_file = folder / "manifest.msg", folder / "content.key"
+        if not manifest_file.is_file() or not key_file.is_file():
+            return None
+        if key_file.stat().st_mode & 0o077:
+            raise SecurityError(f"{key_file} is readable by others; chmod 600 it", reason="unsafe_key_file")
+        _, manifest = open_message(manifest_file.read_bytes())
+        if not isinstance(manifest, ModelManifest):
+            return None
+        meta = json.loads((folder / "meta.json").read_text()) if (folder / "meta.json").exists() else {}
+        shards = {s.name: folder / s.name for s in manifest.shards}
+        if not all(p.is_file() for p in shards.values()):
+            return None
+        return StoredModel(manifest, key_file.read_bytes(), shards, str(meta.get("targets", "all")))
+
+    def latest(self) -> list[StoredModel]:
+        """The newest complete version of every stored model."""
+        out = []
+        for folder in sorted(self.root.iterdir()):
+            if not folder.is_dir():
+                continue
+            for version in reversed(self.versions(folder.name)):
+                stored = self.load(folder.name, version)
+                if stored is not None:
+                    out.append(stored)
+                    break
+        return out

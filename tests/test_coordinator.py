@@ -1,0 +1,302 @@
+"""The coordinator end to end: real agents, the digits CNN, Mosquitto with the production config (mTLS, ACL)."""
+
+import asyncio
+import dataclasses
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edgespeed.agent import Device
+from edgespeed.coordinator import Coordinator, CoordinatorConfig, PostgresLedger, SyncCoordinator, TaskState
+from edgespeed.errors import ConfigError, TaskError
+from edgespeed.protocol import topics
+from edgespeed.protocol.envelope import open_message
+from edgespeed.protocol.messages import CoordinatorState
+from edgespeed.transport import EmbeddedBroker, MqttTransport
+from tests.conftest import SECURE_FLEET, Pki, mqtt_config, take
+from tests.models import DigitsModel
+from tests.test_agent import agent_config
+
+pytestmark = pytest.mark.mosquitto
+FLEET = SECURE_FLEET
+PG_DSN = "host=127.0.0.1 dbname=test user=postgres"
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def coord_config(broker: EmbeddedBroker, pki: Pki, state: Path, **kw: object) -> CoordinatorConfig:
+    kw = {"heartbeat_s": 0.3, "lease_s": 10.0, "deadline_s": 30.0, **kw}
+    return CoordinatorConfig(fleet=FLEET, broker=broker.tls_url, pki_dir=pki.ca.directory, state_dir=state, **kw)  # type: ignore[arg-type]
+
+
+def agent_toml(broker: EmbeddedBroker, pki: Pki, device: str, state: Path, backends: str) -> Path:
+    state.mkdir(parents=True, exist_ok=True)
+    path = state / "agent.toml"
+    path.write_text(
+        f'device_id = "{device}"\nfleet = "{FLEET}"\nbroker = "{broker.tls_url}"\n'
+        f'pki_dir = "{pki.ca.directory}"\nstate_dir = "{state}"\nheartbeat_s = 0.3\nmax_wait_ms = 5\n'
+        f"backends = [{backends}]\n"
+    )
+    return path
+
+
+def agent_process(config: Path) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "edgespeed", "device", "run", "--config", str(config)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+
+
+async def wait_ready(c: Coordinator, model: str, n: int, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while len(c.devices_for(model)) < n:
+        assert time.monotonic() < deadline, f"{model} ready on {c.devices_for(model)} only"
+        await asyncio.sleep(0.05)
+
+
+@pytest.fixture
+async def fleet(secure_broker: EmbeddedBroker, pki: Pki, tmp_path: Path) -> AsyncIterator[tuple[Device, Device]]:
+    """Two agents: dev-a runs ONNX Runtime only, dev-b torch only."""
+    a = agent_config(secure_broker, pki, "dev-a", tmp_path / "a", backends=("onnx",))
+    b = agent_config(secure_broker, pki, "dev-b", tmp_path / "b", backends=("torch",))
+    async with Device(a) as dev_a, Device(b) as dev_b:
+        yield dev_a, dev_b
+
+
+async def test_publish_then_infer_map_scatter_and_ensembles_across_backends(
+    secure_broker: EmbeddedBroker, pki: Pki, fleet: tuple[Device, Device], digits: DigitsModel, tmp_path: Path
+) -> None:
+    dev_a, _ = fleet
+    progress: list[int] = []
+    async with Coordinator(coord_config(secure_broker, pki, tmp_path / "coord")) as c:
+        await dev_a.wait_coordinator(5)  # the retained presence
+        report = await c.publish_model(
+            [digits.onnx, digits.safetensors],
+            name="digits",
+            architecture="digits-cnn",
+            timeout=60,
+            on_progress=lambda r, _: progress.append(len(r.ready)),
+        )
+        assert report.ok and report.version == 1, report
+        assert report.ready == {"dev-a": "onnx", "dev-b": "torch"}
+        assert progress[-1] == 2
+        assert c.ledger.rollouts("digits", 1) == {"dev-a": ("ready", "onnx"), "dev-b": ("ready", "torch")}
+        await wait_ready(c, "digits", 2)
+
+        x = digits.x_test
+        one = await c.infer("digits", x[:1], deadline=10)
+        assert isinstance(one, np.ndarray)
+        np.testing.assert_allclose(one, digits.reference[:1], atol=1e-4)
+
+        mapped = await c.map("digits", [x[i : i + 1] for i in range(40)], concurrency=8)
+        np.testing.assert_allclose(np.concatenate(mapped), digits.reference[:40], atol=1e-4)
+
+        before = dict(c.stats)
+        batch = await c.scatter("digits", x[:100])  # one part per device
+        assert isinstance(batch, np.ndarray)
+        np.testing.assert_allclose(batch, digits.reference[:100], atol=1e-4)
+        assert c.stats["dispatched"] - before.get("dispatched", 0) == 2
+
+        mean = await c.ensemble("digits", x[:50])  # ONNX Runtime on dev-a, torch on dev-b
+        np.testing.assert_allclose(mean, digits.reference[:50], atol=1e-4)
+        votes = await c.ensemble("digits", x[:50], mode="vote")
+        np.testing.assert_array_equal(votes, digits.reference[:50].argmax(axis=1))
+        accuracy = float((votes == digits.y_test[:50]).mean())
+        assert accuracy > 0.85
+
+        counts = await c.counts()
+        assert counts["done"] == 1 + 40 + 2 + 2 + 2 and counts["failed"] == 0
+
+
+async def test_a_model_no_device_can_run_fails_fast_and_bad_inputs_fail_clearly(
+    secure_broker: EmbeddedBroker, pki: Pki, fleet: tuple[Device, Device], digits: DigitsModel, tmp_path: Path
+) -> None:
+    async with Coordinator(coord_config(secure_broker, pki, tmp_path / "coord")) as c:
+        report = await c.publish_model([FIXTURES / "digits.tflite"], name="tfl", timeout=5)
+        assert report.targets == ("dev-a", "dev-b") and not report.ready
+        started = time.monotonic()
+        with pytest.raises(TaskError) as caught:
+            await c.infer("tfl", digits.x_test[:1], deadline=30)
+        assert caught.value.code == "no_capable_device"
+        assert "tflite" in str(caught.value)
+        assert time.monotonic() - started < 5  # fast: not at the 30 s deadline
+
+        with pytest.raises(TaskError) as caught:
+            await c.infer("never-published", digits.x_test[:1], deadline=30)
+        assert caught.value.code == "unknown_model"
+
+        await c.publish_model([digits.onnx], name="digits", timeout=30)
+        with pytest.raises(TaskError) as caught:
+            await c.infer("digits", np.zeros((1, 3, 3), np.float32))  # the wrong shape
+        assert caught.value.code == "bad_input"
+        with pytest.raises(TaskError) as caught:
+            await c.infer("digits", digits.x_test[:1], device="dev-b")  # dev-b has no ONNX runtime
+        assert caught.value.code == "no_capable_device"
+        with pytest.raises(ConfigError):
+            await c.publish_model([digits.onnx], name="digits", version=1)  # not newer than v1
+        with pytest.raises(ConfigError):
+            await c.publish_model([digits.safetensors], name="digits2")  # no architecture
+        with pytest.raises(ConfigError):
+            await c.submit("digits", digits.x_test[:1], task_id="../etc")
+        counts = await c.counts()
+        assert counts["failed"] == 4 and counts["pending"] == counts["dispatched"] == 0
+
+
+async def test_kill_9_of_a_device_during_a_batch_loses_no_task(
+    secure_broker: EmbeddedBroker, pki: Pki, digits: DigitsModel, tmp_path: Path
+) -> None:
+    procs = [
+        agent_process(agent_toml(secure_broker, pki, name, tmp_path / name, '"onnx"')) for name in ("dev-a", "dev-b")
+    ]
+    try:
+        async with Coordinator(coord_config(secure_broker, pki, tmp_path / "coord", max_inflight=4)) as c:
+            report = await c.publish_model([digits.onnx], name="digits", timeout=60, settle=0)
+            if not report.ok:  # the agents may not have been born when the model went out
+                await wait_ready(c, "digits", 2)
+            await wait_ready(c, "digits", 2)
+            x = digits.x_test
+            handles = [await c.submit("digits", x[i % len(x)][None], deadline=60) for i in range(300)]
+            done = 0
+            while done < 30:
+                done = (await c.counts())["done"]
+                await asyncio.sleep(0.01)
+            procs[0].send_signal(signal.SIGKILL)  # dev-a, mid-batch
+            outputs = [await h.result() for h in handles]
+            for i, out in enumerate(outputs):
+                np.testing.assert_allclose(out[0], digits.reference[i % len(x)][None], atol=1e-4)
+            assert c.stats["redispatched"] > 0  # dev-a held tasks when it died; they went to dev-b
+            assert c.registry.get("dev-a").status.value == "lost"  # type: ignore[union-attr]
+            assert (await c.counts())["done"] == 300
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+
+
+async def test_a_restarted_coordinator_finishes_the_batch_and_delivers_each_result_once(
+    secure_broker: EmbeddedBroker, pki: Pki, fleet: tuple[Device, Device], digits: DigitsModel, tmp_path: Path
+) -> None:
+    config = coord_config(secure_broker, pki, tmp_path / "coord")
+    x = digits.x_test
+    async with Coordinator(config) as first:
+        await first.publish_model([digits.onnx, digits.safetensors], name="digits", architecture="digits-cnn")
+        await wait_ready(first, "digits", 2)
+        ids = [(await first.submit("digits", x[i % len(x)][None], deadline=60)).task_id for i in range(300)]
+        while first.stats["completed"] < 20:
+            await asyncio.sleep(0.005)
+    first_completed = first.stats["completed"]
+    assert first_completed < 300, "the batch ended before the restart: nothing was tested"
+    async with Coordinator(config) as second:
+        outputs = [await second.wait(task_id, timeout=60) for task_id in ids]
+        for i, out in enumerate(outputs):
+            np.testing.assert_allclose(out[0], digits.reference[i % len(x)][None], atol=1e-4)
+        # Every task was completed by exactly one of the two; later copies were refused as duplicates.
+        assert (await second.counts())["done"] == 300
+        record = second.ledger.get(ids[-1])
+        assert record is not None and record.state is TaskState.DONE
+    # Every task was completed by exactly one of the two; later copies were refused as duplicates.
+    assert first_completed + second.stats["completed"] == 300
+
+
+async def test_a_broker_restart_loses_nothing(
+    secure_broker: EmbeddedBroker, pki: Pki, fleet: tuple[Device, Device], digits: DigitsModel, tmp_path: Path
+) -> None:
+    async with Coordinator(coord_config(secure_broker, pki, tmp_path / "coord")) as c:
+        await c.publish_model([digits.onnx, digits.safetensors], name="digits", architecture="digits-cnn")
+        await wait_ready(c, "digits", 2)
+        x = digits.x_test
+        batch = asyncio.create_task(c.map("digits", [x[i : i + 1] for i in range(120)], concurrency=4, deadline=60))
+        while c.stats["completed"] < 20:
+            await asyncio.sleep(0.005)
+        await secure_broker.restart(down_for=0.5)
+        outputs = await batch
+        np.testing.assert_allclose(np.concatenate(outputs), digits.reference[:120], atol=1e-4)
+        assert (await c.counts())["done"] == 120
+
+
+async def test_presence_is_retained_with_a_will(
+    secure_broker: EmbeddedBroker, pki: Pki, tmp_path: Path, client_id: str
+) -> None:
+    async with MqttTransport(mqtt_config(secure_broker.tls_url, "audit", tls=pki.tls("audit"))) as watcher:
+        await watcher.subscribe(topics.coordinator_state(FLEET))
+        c = Coordinator(coord_config(secure_broker, pki, tmp_path / "coord"))
+        await c.__aenter__()
+        [online] = await take(watcher, 1)
+        assert open_message(online.payload)[1] == CoordinatorState(True, c.epoch)
+        assert c._transport is not None
+        await c._transport.abort()  # vanish without a goodbye: the broker publishes the will
+        await c.close()
+        [offline] = await take(watcher, 1)
+        assert open_message(offline.payload)[1] == CoordinatorState(False, c.epoch)
+
+
+async def test_the_sync_facade_for_scripts(
+    secure_broker: EmbeddedBroker, pki: Pki, fleet: tuple[Device, Device], digits: DigitsModel, tmp_path: Path
+) -> None:
+    def script() -> tuple[np.ndarray, list[np.ndarray]]:
+        with SyncCoordinator(coord_config(secure_broker, pki, tmp_path / "coord"), timeout=60) as c:
+            report = c.publish_model([digits.onnx], name="digits", targets="backend=onnx")
+            assert report.ok and report.targets == ("dev-a",), report
+            one = c.infer("digits", digits.x_test[:4], deadline=10)
+            many = c.map("digits", [digits.x_test[i : i + 1] for i in range(8)])
+            return one, many  # type: ignore[return-value]
+
+    one, many = await asyncio.to_thread(script)  # the agents run on this test's loop meanwhile
+    np.testing.assert_allclose(one, digits.reference[:4], atol=1e-4)
+    np.testing.assert_allclose(np.concatenate(many), digits.reference[:8], atol=1e-4)
+
+
+def _postgres_or_skip() -> None:
+    psycopg = pytest.importorskip("psycopg", reason="psycopg is needed: pip install 'edgespeed[postgres]'")
+    try:
+        psycopg.connect(PG_DSN, connect_timeout=3).close()
+    except psycopg.OperationalError as exc:
+        pytest.skip(f"no PostgreSQL at 127.0.0.1:5432 ({exc})")
+
+
+async def test_two_coordinators_share_the_fleet_through_postgres_and_a_shared_subscription(
+    secure_broker: EmbeddedBroker, pki: Pki, fleet: tuple[Device, Device], digits: DigitsModel, tmp_path: Path
+) -> None:
+    _postgres_or_skip()
+    prefix = f"t_{uuid.uuid4().hex[:10]}"
+    shared = {"ledger": PG_DSN, "ledger_prefix": prefix, "shared_group": "coords"}
+    one = coord_config(secure_broker, pki, tmp_path / "c1", **shared)
+    two = coord_config(secure_broker, pki, tmp_path / "c2", **shared, presence=False)
+    try:
+        async with Coordinator(one) as c1, Coordinator(two, client_id="coord-2") as c2:
+            report = await c1.publish_model([digits.onnx], name="digits", timeout=30, targets="backend=onnx")
+            # Some reports reached c2 only; c1 read them from the shared ledger.
+            assert report.ok and report.targets == ("dev-a",), report
+            await wait_ready(c1, "digits", 1)
+            x = digits.x_test
+            outputs = await c1.map("digits", [x[i : i + 1] for i in range(60)], concurrency=16)
+            np.testing.assert_allclose(np.concatenate(outputs), digits.reference[:60], atol=1e-4)
+            # The broker split the answers: both coordinators recorded results in the shared ledger.
+            assert c1.stats["completed"] > 0 and c2.stats["completed"] > 0
+            assert c1.stats["completed"] + c2.stats["completed"] == 60
+    finally:
+        cleaner = PostgresLedger(PG_DSN, prefix=prefix)
+        cleaner.drop()
+        cleaner.close()
+
+
+def test_configuration_errors_are_clear(tmp_path: Path) -> None:
+    base = {"fleet": "f", "broker": "mqtt://127.0.0.1:1883", "pki_dir": tmp_path, "state_dir": tmp_path}
+    with pytest.raises(ConfigError, match="policy"):
+        CoordinatorConfig(**base, policy="fastest")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="shared_group"):
+        CoordinatorConfig(**base, shared_group="g")  # type: ignore[arg-type]
+    path = tmp_path / "c.toml"
+    path.write_text('fleet = "f"\nbroker = "mqtt://127.0.0.1:1883"\npki_dir = "."\nstate_dir = "s"\nspeed = 1\n')
+    with pytest.raises(ConfigError, match="speed"):
+        CoordinatorConfig.from_toml(path)
+    path.write_text('fleet = "f"\nbroker = "mqtt://127.0.0.1:1883"\npki_dir = "."\nstate_dir = "s"\n')
+    assert CoordinatorConfig.from_toml(path).state_dir == (tmp_path / "s").resolve()
+    assert dataclasses.replace(CoordinatorConfig.from_toml(path), presence=False).presence is False
