@@ -21,7 +21,7 @@ $(BIN)/python:
 
 $(DEMO_DEPS): pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[broker]'
+	$(BIN)/python -m pip install -q -e '.[demo]'
 	@touch $@
 
 $(DEPS): pyproject.toml | $(BIN)/python

@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.logging import RichHandler
 
 from edgespeed import __version__
-from edgespeed.cli import broker, certs, demo, device
+from edgespeed.cli import broker, certs, coordinator, demo, device
 
 app = typer.Typer(
     name="edgespeed",
@@ -21,6 +21,10 @@ app = typer.Typer(
 app.add_typer(broker.app, name="broker")
 app.add_typer(certs.app, name="certs")
 app.add_typer(device.app, name="device")
+app.add_typer(coordinator.coordinator_app, name="coordinator")
+app.add_typer(coordinator.model_app, name="model")
+app.add_typer(coordinator.task_app, name="task")
+app.command("status")(coordinator.status)
 app.command("demo")(demo.demo)
 
 console = Console()

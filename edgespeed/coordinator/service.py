@@ -81,6 +81,9 @@ Outputs = tuple[Array, ...]
 RETRYABLE = frozenset({"queue_full", "shutting_down", "model_missing"})
 _FORMATS = {".onnx": "onnx", ".tflite": "tflite", ".safetensors": "safetensors"}
 _TICK_S = 0.1
+_DEVICE_KINDS = frozenset(
+    {topics.TopicKind.BIRTH, topics.TopicKind.DEATH, topics.TopicKind.HEARTBEAT, topics.TopicKind.MODEL}
+)
 _POLL_S = 0.25
 
 
@@ -467,6 +470,10 @@ class Coordinator:
         """Online devices that run ``model`` now."""
         return [d.device_id for d in self.registry.online() if self._runs(d, model)]
 
+    def models(self) -> dict[str, ModelManifest]:
+        """The newest manifest of every model published in the fleet."""
+        return {model_id: entry.manifest for model_id, entry in sorted(self._models.items())}
+
     async def counts(self) -> dict[str, int]:
         """Tasks in the ledger by state."""
         return await self._db(self.ledger.counts)
@@ -664,8 +671,8 @@ class Coordinator:
             elif isinstance(body, ModelStatus):
                 await self._on_status(name.id, body)
             return
-        if not message.payload:
-            return  # a retained message being cleared
+        if not message.payload or kind not in _DEVICE_KINDS:
+            return  # a retained message being cleared, or one we did not subscribe to
         envelope, body = open_message(message.payload)
         if kind is topics.TopicKind.MODEL:
             if isinstance(body, ModelManifest) and body.model_id == name.id:
@@ -718,6 +725,11 @@ class Coordinator:
             self._account(result, await job)
             raise
         self._account(result, accepted)
+        if not accepted and result.task_id in self._waiters:
+            # A peer coordinator recorded it first: its outcome is in the ledger already.
+            record = await self._db(self.ledger.get, result.task_id)
+            if record is not None:
+                self._settle(record)
         self._wake.set()
 
     def _account(self, result: Result, accepted: bool) -> None:
@@ -726,8 +738,6 @@ class Coordinator:
             self._finish(result.task_id, result.outputs)
         else:
             self.stats["duplicates"] += 1  # a late or repeated answer: the first one won
-            if result.task_id in self._waiters:
-                self._poll.add(result.task_id)  # won by a peer coordinator: its outcome is in the ledger
 
     async def _on_error(self, device: str, error: Error) -> None:
         if not error.task_id:
