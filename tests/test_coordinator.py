@@ -137,6 +137,9 @@ async def test_a_model_no_device_can_run_fails_fast_and_bad_inputs_fail_clearly(
             await c.infer("digits", np.zeros((1, 3, 3), np.float32))  # the wrong shape
         assert caught.value.code == "bad_input"
         with pytest.raises(TaskError) as caught:
+            await c.infer("digits", np.zeros((1, 3, 1024, 1024), np.float32))  # 12 MiB: over the 8 MiB limit
+        assert caught.value.code == "input_too_large"
+        with pytest.raises(TaskError) as caught:
             await c.infer("digits", digits.x_test[:1], device="dev-b")  # dev-b has no ONNX runtime
         assert caught.value.code == "no_capable_device"
         with pytest.raises(ConfigError):
@@ -146,7 +149,7 @@ async def test_a_model_no_device_can_run_fails_fast_and_bad_inputs_fail_clearly(
         with pytest.raises(ConfigError):
             await c.submit("digits", digits.x_test[:1], task_id="../etc")
         counts = await c.counts()
-        assert counts["failed"] == 4 and counts["pending"] == counts["dispatched"] == 0
+        assert counts["failed"] == 5 and counts["pending"] == counts["dispatched"] == 0
 
 
 async def test_kill_9_of_a_device_during_a_batch_loses_no_task(

@@ -48,6 +48,8 @@ class AgentConfig:
         cache_bytes: disk budget of the model cache; least recently used models go first.
         threads: intra-op threads per backend (None: the runtime's default).
         fetch_timeout: seconds a model download may take.
+        max_message_bytes: largest MQTT packet this agent sends (the broker's limit may be lower);
+            a larger result becomes a ``result_too_large`` error.
     """
 
     device_id: str
@@ -65,6 +67,7 @@ class AgentConfig:
     cache_bytes: int = 1 << 30
     threads: int | None = None
     fetch_timeout: float = 600.0
+    max_message_bytes: int = 8 * 1024 * 1024
 
     def __post_init__(self) -> None:
         try:
@@ -74,7 +77,7 @@ class AgentConfig:
         except TopicError as exc:
             raise ConfigError(str(exc)) from exc
         parse_broker_url(self.broker)
-        for name in ("queue_size", "max_batch", "concurrency", "cache_bytes"):
+        for name in ("queue_size", "max_batch", "concurrency", "cache_bytes", "max_message_bytes"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1")
         if self.heartbeat_s <= 0 or self.max_wait_ms < 0 or self.fetch_timeout <= 0:
@@ -118,5 +121,11 @@ class AgentConfig:
             )
         # Reconnects resume the session, so tasks sent while the link was down still arrive.
         return MqttConfig(
-            self.broker, self.device_id, tls=tls, will=will, clean_start=False, queue_size=max(self.queue_size, 16)
+            self.broker,
+            self.device_id,
+            tls=tls,
+            will=will,
+            clean_start=False,
+            queue_size=max(self.queue_size, 16),
+            max_packet_size=self.max_message_bytes,
         )

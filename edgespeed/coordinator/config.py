@@ -41,6 +41,8 @@ class CoordinatorConfig:
             the same group split the device answers between them (they must share a
             PostgreSQL ledger). Empty: every coordinator hears everything.
         presence: publish the retained online state (and its offline will).
+        max_message_bytes: largest MQTT packet the coordinator sends (the broker's limit may be
+            lower); a task whose inputs do not fit fails with ``input_too_large``.
     """
 
     fleet: str
@@ -58,6 +60,7 @@ class CoordinatorConfig:
     max_inflight: int = 32
     shared_group: str = ""
     presence: bool = True
+    max_message_bytes: int = 8 * 1024 * 1024
 
     def __post_init__(self) -> None:
         try:
@@ -72,8 +75,8 @@ class CoordinatorConfig:
             raise ConfigError(f"unknown policy {self.policy!r}; known: {', '.join(POLICIES)}")
         if min(self.heartbeat_s, self.lease_s, self.deadline_s) <= 0:
             raise ConfigError("heartbeat_s, lease_s and deadline_s must be positive")
-        if self.max_attempts < 1 or self.max_inflight < 1:
-            raise ConfigError("max_attempts and max_inflight must be at least 1")
+        if self.max_attempts < 1 or self.max_inflight < 1 or self.max_message_bytes < 1024:
+            raise ConfigError("max_attempts and max_inflight must be at least 1, max_message_bytes 1024")
         if self.shared_group and not self.ledger:
             raise ConfigError("shared_group needs a ledger the coordinators share (a PostgreSQL connection string)")
 
@@ -116,4 +119,5 @@ class CoordinatorConfig:
             clean_start=not persistent,
             session_expiry=3600 if persistent else 0,
             queue_size=1024,
+            max_packet_size=self.max_message_bytes,
         )

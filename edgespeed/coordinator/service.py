@@ -40,6 +40,7 @@ from edgespeed.coordinator.store import ModelStore, StoredModel
 from edgespeed.errors import (
     ConfigError,
     EdgeSpeedError,
+    PayloadTooLargeError,
     ProtocolError,
     ReplayError,
     SecurityError,
@@ -868,6 +869,9 @@ class Coordinator:
                 topics.device_inbox(self.config.fleet, device), self.sealer.seal(task, recipient=device)
             )
             self.stats["dispatched"] += 1
+        except PayloadTooLargeError as exc:
+            self._inflight[device].discard(task.task_id)
+            await self._abort(task.task_id, "input_too_large", f"the task does not fit in one message: {exc}")
         except TransportError as exc:
             log.info("task %s not sent to %s (%s); it stays due", task.task_id, device, exc)
             self._inflight[device].discard(task.task_id)
