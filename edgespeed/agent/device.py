@@ -489,13 +489,15 @@ class Device:
                 return
             await self._fail(group[0][0], exc.reason, str(exc))
             return
+        answers = []
         for (job, _), outs in zip(group, outputs, strict=True):
             try:
                 result = Result(job.task.task_id, job.task.attempt, tuple(encode_tensor(model.post(o)) for o in outs))
             except EdgeSpeedError as exc:
-                await self._fail(job, "backend_failure", str(exc))
+                answers.append(self._fail(job, "backend_failure", str(exc)))
                 continue
-            await self._answer(job.task, job.sender, result)
+            answers.append(self._answer(job.task, job.sender, result))
+        await asyncio.gather(*answers)  # published together: one broker round trip, not one per task
 
     async def _fail(self, job: _Job, code: str, message: str) -> None:
         await self._answer(
@@ -515,27 +517,33 @@ class Device:
             topic = topics.coordinator_inbox(cfg.fleet, cfg.device_id)
         else:
             topic = topics.device_inbox(cfg.fleet, recipient)
-        row = self._outbox.put(recipient, topic, message)
-        await self._deliver(row, recipient, topic, message)
+        await self._deliver(None, recipient, topic, message)
 
-    async def _deliver(self, row: int, recipient: str, topic: str, message: Message) -> bool:
+    async def _deliver(self, row: int | None, recipient: str, topic: str, message: Message) -> bool:
+        """Publish an answer; one that cannot go now waits in the outbox (``row``: already there)."""
         assert self._transport is not None
         try:
             await self._transport.publish(topic, self._sealer.seal(message, recipient=recipient))
         except (NotConnectedError, TransportError) as exc:
-            log.info("answer kept in the outbox (%s)", exc)
+            if row is None:
+                # Kept on disk, encrypted, until the broker takes it. (An answer lost in a crash
+                # before this point is not lost work: the coordinator gives the task out again.)
+                self._outbox.put(recipient, topic, message)
+                log.info("answer kept in the outbox (%s)", exc)
             self._wake_outbox.set()
             return False
         except PayloadTooLargeError as exc:
             # Retrying would never succeed: replace the answer by an error that fits.
-            self._outbox.remove(row)
+            if row is not None:
+                self._outbox.remove(row)
             log.error("answer to %s is too large to send: %s", recipient, exc)
             if isinstance(message, Result):
                 await self._send(
                     recipient, Error("result_too_large", str(exc), task_id=message.task_id, attempt=message.attempt)
                 )
             return True
-        self._outbox.remove(row)
+        if row is not None:
+            self._outbox.remove(row)
         return True
 
     async def _flush_outbox(self) -> None:
