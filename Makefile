@@ -6,12 +6,13 @@ DEPS   := $(VENV)/.deps-installed
 # The demo needs only the core and the fallback broker; the tests need the ML runtimes too.
 DEMO_DEPS := $(VENV)/.demo-deps-installed
 
-.PHONY: demo test test-fast test-fuzz lint vectors mosquitto clean help
+.PHONY: demo test test-fast test-fuzz lint vectors bench mosquitto clean help
 
 help:
 	@echo "make demo     run the end-to-end demo (broker, coordinator, device)"
 	@echo "make test     run the whole test suite against real Mosquitto brokers"
 	@echo "make lint     ruff and mypy"
+	@echo "make bench    the benchmark suite against bare paho and onnxruntime (results in bench/results/)"
 	@echo "make vectors  regenerate firmware_bridge/vectors from the reference codecs"
 
 $(BIN)/python:
@@ -63,6 +64,9 @@ lint: $(DEPS)
 	$(BIN)/ruff check edgespeed tests examples
 	$(BIN)/ruff format --check edgespeed tests examples
 	$(BIN)/mypy
+
+bench: $(DEPS) mosquitto
+	$(BIN)/edgespeed bench --json bench/results/latest.json
 
 vectors: $(DEPS)
 	$(BIN)/python -m edgespeed.protocol.vectors firmware_bridge/vectors

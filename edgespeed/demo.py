@@ -29,7 +29,6 @@ from typing import Any, Literal
 
 import numpy as np
 
-from edgespeed._compat import timeout as timeout_after
 from edgespeed.coordinator import Coordinator, CoordinatorConfig, RolloutReport
 from edgespeed.errors import EdgeSpeedError, MissingDependencyError, TaskError
 from edgespeed.security import create_ca, issue_certificate
@@ -263,10 +262,13 @@ async def run_demo(
 
                 config = CoordinatorConfig.from_toml(coord_toml)
                 async with Coordinator(config, client_id="coord-demo") as c:
-                    async with timeout_after(90):
-                        while len(c.registry.online()) < len(DEVICES):
-                            _check_alive(running)
-                            await asyncio.sleep(0.2)
+                    for _ in range(90):
+                        _check_alive(running)  # a part that exits says why, at once
+                        with contextlib.suppress(TimeoutError):
+                            await c.wait_for_devices(len(DEVICES), timeout=1.0)
+                            break
+                    else:
+                        raise EdgeSpeedError("the device agents did not join within 90 s")
                     joined = ", ".join(f"{d.device_id} ({d.card.arch})" for d in c.registry.online())
                     on_step(f"devices joined: {joined}")
                     rollout = await c.publish_model([onnx_path], name="digits", timeout=90)

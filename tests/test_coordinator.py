@@ -55,10 +55,7 @@ def agent_process(config: Path) -> subprocess.Popen[bytes]:
 
 
 async def wait_ready(c: Coordinator, model: str, n: int, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while len(c.devices_for(model)) < n:
-        assert time.monotonic() < deadline, f"{model} ready on {c.devices_for(model)} only"
-        await asyncio.sleep(0.05)
+    await c.wait_for_devices(n, model=model, timeout=timeout)
 
 
 @pytest.fixture

@@ -193,6 +193,7 @@ class Coordinator:
         self._why: dict[str, str] = {}
         self._ready_on: defaultdict[str, set[str]] = defaultdict(set)
         self._wake = asyncio.Event()
+        self._changed = asyncio.Event()  # the registry or a model's readiness changed
         self._backlog = True  # until the first round has looked at the ledger
         self._inline_db = False
         self._tasks: list[asyncio.Task[None]] = []
@@ -483,6 +484,28 @@ class Coordinator:
             return counts.argmax(axis=0)  # type: ignore[no-any-return]
         raise ConfigError(f"unknown ensemble mode {mode!r}: mean or vote")
 
+    async def wait_for_devices(
+        self, count: int, *, model: str | None = None, devices: Sequence[str] = (), timeout: float = 60.0
+    ) -> list[str]:
+        """Wait until ``count`` devices are online (and run ``model``, and are among ``devices``, if given).
+
+        Returns:
+            The ids of those devices.
+
+        Raises:
+            TimeoutError: not within ``timeout`` seconds.
+        """
+
+        def current() -> list[str]:
+            found = [d.device_id for d in self.registry.online() if model is None or self._runs(d, model)]
+            return [d for d in found if not devices or d in devices]
+
+        async with timeout_after(timeout):
+            while len(current()) < count:
+                self._changed.clear()
+                await self._changed.wait()
+        return current()
+
     def devices_for(self, model: str) -> list[str]:
         """Online devices that run ``model`` now."""
         return [d.device_id for d in self.registry.online() if self._runs(d, model)]
@@ -674,6 +697,12 @@ class Coordinator:
                 log.exception("failed handling a message on %s", message.topic)
 
     async def _on_message(self, message: Message) -> None:
+        try:
+            await self._handle(message)
+        finally:
+            self._changed.set()
+
+    async def _handle(self, message: Message) -> None:
         name = topics.parse_topic(message.topic)
         kind = name.kind
         if kind is topics.TopicKind.COORDINATOR_INBOX:

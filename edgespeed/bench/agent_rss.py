@@ -4,7 +4,7 @@ Starts a broker, a fleet PKI and `edgespeed device run` in its own process,
 configured with the ONNX backend (onnxruntime installed) and no model loaded,
 waits until it has joined and settled, and reads its VmRSS.
 
-Run: python bench/agent_rss.py [--json PATH]
+Run: python -m edgespeed.bench.agent_rss [--json PATH]
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from edgespeed._compat import timeout
+from edgespeed.bench._fleet import entry
 from edgespeed.protocol import topics
 from edgespeed.security import create_ca, issue_certificate
 from edgespeed.transport import EmbeddedBroker, MqttConfig, MqttTransport
@@ -62,17 +63,7 @@ async def run() -> dict[str, Any]:
                 finally:
                     proc.terminate()
                     proc.wait(timeout=20)
-    rss = max(samples)
-    return {
-        "name": "agent-rss",
-        "ours": round(rss, 1),
-        "baseline": None,
-        "unit": "MB",
-        "ratio": None,
-        "ratio_kind": "absolute",
-        "goal": "<= 60 MB",
-        "meets": rss <= 60,
-    }
+    return entry("agent-rss", max(samples), None, "MB", "<= 60", higher_is_better=False, absolute=True)
 
 
 def main() -> None:

@@ -11,7 +11,7 @@ ours / baseline goodput, higher is better; the goal is >= 0.9.
 A second entry, ``seal-codec``, times the same work without the broker, for
 context: it bounds what sealing costs per byte on this CPU.
 
-Run: python bench/seal.py [--rounds N] [--messages N] [--json PATH]
+Run: python -m edgespeed.bench.seal [--rounds N] [--messages N] [--json PATH]
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from edgespeed.bench._fleet import entry
 from edgespeed.protocol import topics
 from edgespeed.protocol.envelope import open_message, pack_message
 from edgespeed.protocol.messages import Result
@@ -34,20 +35,6 @@ from edgespeed.security import KeyDirectory, ReplayGuard, Sealer, create_ca, iss
 from edgespeed.transport import EmbeddedBroker, MqttConfig, MqttTransport
 
 SIZE = 1024 * 1024
-
-
-def entry(name: str, ours: float, baseline: float, goal: float) -> dict[str, Any]:
-    ratio = ours / baseline
-    return {
-        "name": name,
-        "ours": round(ours, 1),
-        "baseline": round(baseline, 1),
-        "unit": "MB/s",
-        "ratio": round(ratio, 3),
-        "ratio_kind": "ours/baseline, higher is better",
-        "goal": f">= {goal}",
-        "meets": ratio >= goal,
-    }
 
 
 async def stream(
@@ -102,12 +89,10 @@ async def run(rounds: int, messages: int) -> list[dict[str, Any]]:
             "baseline": (plain, open_message),
         }
         async with EmbeddedBroker() as broker:
-            cfg = dict(max_packet_size=4 * SIZE, queue_size=64)
+            cfg: dict[str, Any] = {"max_packet_size": 4 * SIZE, "queue_size": 64}
             async with (
                 MqttTransport(MqttConfig(broker.url, "bench-tx", **cfg)) as tx,
-                MqttTransport(  # type: ignore[arg-type]
-                    MqttConfig(broker.url, "bench-rx", **cfg)  # type: ignore[arg-type]
-                ) as rx,
+                MqttTransport(MqttConfig(broker.url, "bench-rx", **cfg)) as rx,
             ):
                 topic = topics.device_inbox("bench", "dev-1")
                 await rx.subscribe(topic)
@@ -126,8 +111,11 @@ async def run(rounds: int, messages: int) -> list[dict[str, Any]]:
     med = {k: statistics.median(v) for k, v in net.items()}
     cmed = {k: statistics.median(v) for k, v in cpu.items()}
     return [
-        entry("seal", med["ours"], med["baseline"], 0.9),
-        {**entry("seal-codec", cmed["ours"], cmed["baseline"], 0.0), "goal": "context only"},
+        entry("seal", med["ours"], med["baseline"], "MB/s", ">= 0.9", higher_is_better=True),
+        {
+            **entry("seal-codec", cmed["ours"], cmed["baseline"], "MB/s", ">= 0", higher_is_better=True),
+            "goal": "context only",
+        },
     ]
 
 

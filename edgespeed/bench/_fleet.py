@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import socket
 import ssl
 import statistics
@@ -25,29 +26,52 @@ from typing import Any
 
 import numpy as np
 import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
 
 from edgespeed.coordinator import CoordinatorConfig
 from edgespeed.security import create_ca, issue_certificate
 from edgespeed.transport import BrokerSettings, BrokerTls, EmbeddedBroker
 
-HERE = Path(__file__).parent
 FLEET = "bench"
 MAX_MESSAGE = 80 * 1024 * 1024
 
 
-def entry(name: str, ours: float, baseline: float, unit: str, goal: str, meets: bool, **extra: Any) -> dict[str, Any]:
-    """One result in the suite's JSON shape."""
-    higher = unit in ("MB/s", "tasks/s")
-    ratio = ours / baseline if baseline else float("nan")
+def meets(goal: str, value: float) -> bool:
+    """Whether ``value`` meets a goal written ``<= 1.5`` or ``>= 0.7`` (extra words after the number are ignored)."""
+    match = re.match(r"\s*(<=|>=)\s*([0-9.]+)", goal)
+    if match is None:
+        raise ValueError(f"goal {goal!r} is not '<= X' or '>= X'")
+    op, bound = match.group(1), float(match.group(2))
+    return value <= bound if op == "<=" else value >= bound
+
+
+def entry(
+    name: str,
+    ours: float,
+    baseline: float | None,
+    unit: str,
+    goal: str,
+    *,
+    higher_is_better: bool,
+    absolute: bool = False,
+    **extra: Any,
+) -> dict[str, Any]:
+    """One result in the suite's JSON shape; ``meets`` is computed from ``goal``.
+
+    The goal applies to the ratio ours / baseline, or to ``ours`` itself when ``absolute``.
+    """
+    ratio = None if absolute or not baseline else ours / baseline
+    value = ours if absolute else ratio
+    better = "higher is better" if higher_is_better else "lower is better"
     return {
         "name": name,
         "ours": round(ours, 3),
-        "baseline": round(baseline, 3),
+        "baseline": None if baseline is None else round(baseline, 3),
         "unit": unit,
-        "ratio": round(ratio, 3),
-        "ratio_kind": "ours/baseline, " + ("higher is better" if higher else "lower is better"),
+        "ratio": None if ratio is None else round(ratio, 3),
+        "ratio_kind": f"absolute, {better}" if absolute else f"ours/baseline, {better}",
         "goal": goal,
-        "meets": meets,
+        "meets": value is not None and meets(goal, value),
         **extra,
     }
 
@@ -148,9 +172,9 @@ class Fleet:
                     proc.wait()
 
     def peer(self, role: str, name: str, *args: str) -> subprocess.Popen[bytes]:
-        """A raw paho process from `_raw.py` (``echo`` or ``sink``), ready once it printed its first line."""
+        """A raw paho process (`edgespeed.bench._raw`: ``echo`` or ``sink``), ready once it says so."""
         proc = subprocess.Popen(
-            [sys.executable, str(HERE / "_raw.py"), role, self.broker.tls_url, str(self.pki), name, *args],
+            [sys.executable, "-m", "edgespeed.bench._raw", role, self.broker.tls_url, str(self.pki), name, *args],
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
         )
@@ -168,7 +192,7 @@ class Fleet:
 
 def raw_client(url: str, pki: Path, name: str) -> paho.Client:
     host, port = url.removeprefix("mqtts://").rsplit(":", 1)
-    client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=name, protocol=paho.MQTTv5)
+    client = paho.Client(CallbackAPIVersion.VERSION2, client_id=name, protocol=paho.MQTTv5)
     context = ssl.create_default_context(cafile=str(pki / "ca.crt"))
     context.load_cert_chain(str(pki / f"{name}.crt"), str(pki / f"{name}.key"))
     client.tls_set_context(context)

@@ -5,17 +5,19 @@ the same session options (one intra-op thread); calls alternate in blocks so
 noise hits both alike, and the median latency of each is compared. The ratio
 is ours / baseline latency, lower is better; the goal is <= 1.05.
 
-Run: python bench/backend.py [--calls N] [--json PATH]
+Run: python -m edgespeed.bench.backend [--calls N] [--json PATH]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import statistics
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,11 +25,13 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
+from edgespeed.bench._fleet import entry
 from edgespeed.engine.onnx import OnnxBackend
 from edgespeed.engine.zoo import DigitsCNN
 
 
 def export(path: Path) -> None:
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # optional-operator notices, not ours
     torch.manual_seed(0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -52,7 +56,10 @@ def run(calls: int) -> dict[str, Any]:
         ours = OnnxBackend(threads=1).load(path)
         x = np.random.default_rng(0).random((1, 1, 8, 8), dtype=np.float32)
         np.testing.assert_allclose(ours.run([x])[0], bare.run(None, {"x": x})[0], rtol=1e-6)
-        sides = {"ours": lambda: ours.run([x]), "baseline": lambda: bare.run(None, {"x": x})}
+        sides: dict[str, Callable[[], Any]] = {
+            "ours": lambda: ours.run([x]),
+            "baseline": lambda: bare.run(None, {"x": x}),
+        }
         times: dict[str, list[float]] = {"ours": [], "baseline": []}
         for _ in range(calls // 100):
             for name, fn in sides.items():
@@ -62,19 +69,16 @@ def run(calls: int) -> dict[str, Any]:
                     times[name].append(time.perf_counter() - start)
     p50 = {k: statistics.median(v) * 1e6 for k, v in times.items()}
     p99 = {k: float(np.percentile(v, 99)) * 1e6 for k, v in times.items()}
-    ratio = p50["ours"] / p50["baseline"]
-    return {
-        "name": "backend",
-        "ours": round(p50["ours"], 2),
-        "baseline": round(p50["baseline"], 2),
-        "unit": "us (p50)",
-        "p99_ours": round(p99["ours"], 2),
-        "p99_baseline": round(p99["baseline"], 2),
-        "ratio": round(ratio, 3),
-        "ratio_kind": "ours/baseline latency, lower is better",
-        "goal": "<= 1.05",
-        "meets": ratio <= 1.05,
-    }
+    return entry(
+        "backend",
+        p50["ours"],
+        p50["baseline"],
+        "us (p50)",
+        "<= 1.05",
+        higher_is_better=False,
+        ours_p99=round(p99["ours"], 2),
+        baseline_p99=round(p99["baseline"], 2),
+    )
 
 
 def main() -> None:

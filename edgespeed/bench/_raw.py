@@ -13,8 +13,7 @@ from typing import Any
 
 import paho.mqtt.client as paho
 
-sys.path.insert(0, str(Path(__file__).parent))
-from _fleet import raw_client
+from edgespeed.bench._fleet import raw_client
 
 
 def main() -> None:

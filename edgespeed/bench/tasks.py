@@ -13,7 +13,7 @@ processes on the same broker, which publish them back. Rounds alternate.
 
 The agents run with ``max_wait_ms = 0`` (no micro-batching window), as a latency-minded deployment would.
 
-Run: python bench/tasks.py [--quick] [--json PATH]
+Run: python -m edgespeed.bench.tasks [--quick] [--json PATH]
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import sys
 import threading
 import time
 from pathlib import Path
@@ -29,10 +28,11 @@ from typing import Any
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).parent))
-from _fleet import Fleet, entry, fleet, identity_onnx, median, percentile
-
+from edgespeed.bench._fleet import Fleet, entry, fleet, identity_onnx, median, percentile
 from edgespeed.coordinator import Coordinator
+
+SWEEP = [1 << 10, 16 << 10, 64 << 10, 256 << 10, 1 << 20, 4 << 20, 16 << 20]
+SWEEP_QUICK = [1 << 10, 64 << 10, 1 << 20, 16 << 20]
 
 
 def raw_round_trips(client: Any, peer: str, payload: bytes, count: int) -> list[float]:
@@ -83,9 +83,7 @@ def raw_throughput(client: Any, peers: list[str], payload: bytes, count: int, co
 
 
 async def ready(c: Coordinator, model: str, n: int) -> None:
-    async with asyncio.timeout(60):
-        while len(c.devices_for(model)) < n:
-            await asyncio.sleep(0.05)
+    await c.wait_for_devices(n, model=model)
 
 
 async def run(quick: bool) -> list[dict[str, Any]]:
@@ -102,7 +100,7 @@ async def run(quick: bool) -> list[dict[str, Any]]:
                 async with Coordinator(f.coordinator(max_inflight=64)) as c:
                     await c.publish_model([model], name="echo", timeout=60)
                     await ready(c, "echo", 2)
-                    return await _measure(f, c, client, rounds, n_rtt, n_tp, n_tensor)
+                    return await _measure(f, c, client, rounds, n_rtt, n_tp, n_tensor, quick)
         finally:
             client.loop_stop()
             for proc in (echo_a, echo_b):
@@ -111,7 +109,7 @@ async def run(quick: bool) -> list[dict[str, Any]]:
 
 
 async def _measure(
-    f: Fleet, c: Coordinator, client: Any, rounds: int, n_rtt: int, n_tp: int, n_tensor: int
+    f: Fleet, c: Coordinator, client: Any, rounds: int, n_rtt: int, n_tp: int, n_tensor: int, quick: bool
 ) -> list[dict[str, Any]]:
     small = np.arange(100, dtype=np.uint8).reshape(1, 100)
     for _ in range(20):  # warm up both paths
@@ -148,28 +146,40 @@ async def _measure(
         [seconds] = await asyncio.to_thread(raw_round_trips, client, "raw-a", big.tobytes(), 1)
         raw_tensor.append(2 * big.nbytes / seconds / 1e6)
 
+    sweep: dict[str, list[float]] = {"bytes": [], "ours": [], "baseline": []}
+    for size in SWEEP_QUICK if quick else SWEEP:
+        payload = np.random.default_rng(size).integers(0, 255, (1, size), dtype=np.uint8)
+        repeat = max(1, min(20, (4 << 20) // size))
+        start = time.perf_counter()
+        for _ in range(repeat):
+            await c.infer("echo", payload, device="dev-1", deadline=60)
+        sweep["ours"].append(2 * size * repeat / (time.perf_counter() - start) / 1e6)
+        seconds = sum(await asyncio.to_thread(raw_round_trips, client, "raw-a", payload.tobytes(), repeat))
+        sweep["baseline"].append(2 * size * repeat / seconds / 1e6)
+        sweep["bytes"].append(size)
+
     ours_p50, raw_p50 = median(ours_rtt) * 1000, median(raw_rtt) * 1000
     rtt = entry(
         "rtt",
         ours_p50,
         raw_p50,
-        "ms",
-        "p50 ratio <= 1.5",
-        ours_p50 / raw_p50 <= 1.5,
+        "ms (p50)",
+        "<= 1.5 (p50 ratio)",
+        higher_is_better=False,
         ours_p99=round(percentile(ours_rtt, 0.99) * 1000, 3),
         baseline_p99=round(percentile(raw_rtt, 0.99) * 1000, 3),
-        samples=len(ours_rtt),
+        samples_ms={"ours": [round(t * 1000, 4) for t in ours_rtt], "baseline": [round(t * 1000, 4) for t in raw_rtt]},
     )
-    tp = entry(
-        "throughput", median(ours_tp), median(raw_tp), "tasks/s", ">= 0.5", median(ours_tp) / median(raw_tp) >= 0.5
-    )
+    tp = entry("throughput", median(ours_tp), median(raw_tp), "tasks/s", ">= 0.5", higher_is_better=True, in_flight=32)
     tensor = entry(
         "tensor",
         median(ours_tensor),
         median(raw_tensor),
         "MB/s",
         ">= 0.8",
-        median(ours_tensor) / median(raw_tensor) >= 0.8,
+        higher_is_better=True,
+        tensor_mib=16,
+        goodput_by_size={k: [round(v, 3) for v in vs] for k, vs in sweep.items()},
     )
     return [rtt, tp, tensor]
 
