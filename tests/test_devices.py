@@ -53,12 +53,15 @@ def test_bad_configs_are_config_errors(tmp_path: Path) -> None:
 
 def test_systemd_unit_runs_the_agent() -> None:
     unit = (DEVICES / "edgespeed-agent.service").read_text()
-    assert "ExecStart=/opt/edgespeed/venv/bin/edgespeed device run --config" in unit
+    assert "ExecStart=/opt/edgespeed/venv/bin/edgespeed-agent --config" in unit
     assert tomllib  # the profiles are TOML; parsed above
 
 
 @pytest.mark.mosquitto
-async def test_device_run_joins_and_leaves_cleanly(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "command", [["-m", "edgespeed", "device", "run"], ["-m", "edgespeed.agent"]], ids=["device-run", "edgespeed-agent"]
+)
+async def test_device_run_joins_and_leaves_cleanly(command: list[str], tmp_path: Path) -> None:
     ca = create_ca(tmp_path / "pki", fleet="cli")
     issue_certificate(ca, "gw-1")
     issue_certificate(ca, "coord", role="coordinator")
@@ -71,7 +74,7 @@ async def test_device_run_joins_and_leaves_cleanly(tmp_path: Path) -> None:
         async with MqttTransport(MqttConfig(broker.url, "watcher")) as watcher:
             await watcher.subscribe(topics.birth("cli", "gw-1"), topics.death("cli", "gw-1"))
             proc = subprocess.Popen(
-                [sys.executable, "-m", "edgespeed", "device", "run", "--config", str(config)],
+                [sys.executable, *command, "--config", str(config)],
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
                 text=True,
@@ -110,3 +113,15 @@ async def test_an_agent_that_cannot_join_fails_clearly_and_closes_what_it_opened
         await device.__aenter__()
     with pytest.raises(sqlite3.ProgrammingError):
         device._outbox.pending()  # closed
+
+
+def test_the_agent_daemon_refuses_a_bad_configuration_in_one_line(tmp_path: Path) -> None:
+    (tmp_path / "agent.toml").write_text('device_id = "GW 1"\n')
+    result = subprocess.run(
+        [sys.executable, "-m", "edgespeed.agent", "--config", str(tmp_path / "agent.toml")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1 and result.stderr.startswith("error: ")
+    assert "Traceback" not in result.stderr

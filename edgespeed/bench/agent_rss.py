@@ -1,6 +1,6 @@
 """Benchmark `agent-rss`: resident memory of an idle device agent (absolute; the goal is <= 60 MB).
 
-Starts a broker, a fleet PKI and `edgespeed device run` in its own process,
+Starts a broker, a fleet PKI and the agent daemon (`edgespeed-agent`, what the systemd unit runs) in its own process,
 configured with the ONNX backend (onnxruntime installed) and no model loaded,
 waits until it has joined and settled, and reads its VmRSS.
 
@@ -47,7 +47,7 @@ async def run() -> dict[str, Any]:
             async with MqttTransport(MqttConfig(broker.url, "watcher")) as watcher:
                 await watcher.subscribe(topics.birth("bench", "dev-1"))
                 proc = subprocess.Popen(  # noqa: ASYNC220 - started once; only its memory is read
-                    [sys.executable, "-m", "edgespeed", "device", "run", "--config", str(config)],
+                    [sys.executable, "-m", "edgespeed.agent", "--config", str(config)],
                     stdout=subprocess.DEVNULL,
                     stderr=subprocess.PIPE,
                 )

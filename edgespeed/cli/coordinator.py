@@ -12,6 +12,7 @@ import asyncio
 import dataclasses
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import typer
@@ -20,9 +21,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from edgespeed.cli._common import console, fail, stop_signal
-from edgespeed.coordinator import Coordinator, CoordinatorConfig, RolloutReport
-from edgespeed.coordinator.service import default_client_id
 from edgespeed.errors import ConfigError, EdgeSpeedError, TaskError
+
+if TYPE_CHECKING:  # the coordinator is imported when a command runs: `device run` never loads it
+    from edgespeed.coordinator import CoordinatorConfig, RolloutReport
 
 coordinator_app = typer.Typer(help="Run the fleet's coordinator.", no_args_is_help=True)
 model_app = typer.Typer(help="Publish models to the fleet.", no_args_is_help=True)
@@ -32,6 +34,8 @@ CONFIG = typer.Option(..., "--config", "-c", help="The coordinator's TOML config
 
 
 def _config(path: Path, *, presence: bool = False) -> CoordinatorConfig:
+    from edgespeed.coordinator import CoordinatorConfig
+
     config = CoordinatorConfig.from_toml(path)
     return config if presence else dataclasses.replace(config, presence=False)
 
@@ -46,6 +50,8 @@ def run(config: Path = CONFIG) -> None:
 
 
 async def _serve(config: CoordinatorConfig) -> None:
+    from edgespeed.coordinator import Coordinator
+
     stop = stop_signal()
     async with Coordinator(config) as c:
         served = ", ".join(f"{m.model_id} v{m.version}" for m in c.store.latest()) or "none yet"
@@ -99,6 +105,9 @@ async def _publish(
     timeout: float,
     wait: bool,
 ) -> RolloutReport:
+    from edgespeed.coordinator import Coordinator
+    from edgespeed.coordinator.service import default_client_id
+
     async with Coordinator(config, client_id=default_client_id(config, "publish")) as c:
         with Progress(
             TextColumn("{task.description}"),
@@ -165,6 +174,9 @@ def submit(
 async def _submit(
     config: CoordinatorConfig, model: str, array: np.ndarray, deadline: float, device: str | None
 ) -> tuple[np.ndarray, ...]:
+    from edgespeed.coordinator import Coordinator
+    from edgespeed.coordinator.service import default_client_id
+
     async with Coordinator(config, client_id=default_client_id(config, "cli")) as c:
         handle = await c.submit(model, array, deadline=deadline, device=device)
         return await handle.result()
@@ -182,6 +194,9 @@ def status(
 
 
 async def _status(config: CoordinatorConfig, listen: float) -> None:
+    from edgespeed.coordinator import Coordinator
+    from edgespeed.coordinator.service import default_client_id
+
     async with Coordinator(config, client_id=default_client_id(config, "status")) as c:
         await asyncio.sleep(listen)  # retained births arrive at once; heartbeats answer the discovery
         now = time.monotonic()

@@ -8,7 +8,6 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
 from edgespeed.cli._common import console, fail
-from edgespeed.demo import run_demo
 from edgespeed.errors import EdgeSpeedError
 
 
@@ -19,6 +18,8 @@ def demo(
 ) -> None:
     """A fleet on this machine: broker, coordinator and two agents as processes; a model trained,
     published, and a batch of real digit images classified through it, sealed end to end."""
+    from edgespeed.demo import run_demo
+
     with Progress(
         "[progress.description]{task.description}",
         BarColumn(),
