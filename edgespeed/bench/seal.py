@@ -1,10 +1,11 @@
 """Benchmark `seal`: goodput of 1 MiB payloads sealed and opened, against the same payloads unsealed.
 
 Both sides stream Result messages carrying 1 MiB through a local Mosquitto
-(plain TCP, so TLS costs hide nothing) from one transport to another, with
-QoS 1 and up to 16 publishes in flight. Ours seals each message for the
-receiver and opens it on arrival (AES-256-GCM, replay window on disk); the
-baseline packs and opens it in clear. Rounds alternate between the two, so
+(plain TCP, so TLS costs hide nothing) to a receiver in its own process (as a
+device is), with QoS 1 and up to 16 publishes in flight; a round ends when the
+receiver has opened every message. Ours seals each message for the receiver
+and the receiver opens it (AES-256-GCM, replay window on disk); the baseline
+packs and opens it in clear. Rounds alternate between the two, so
 machine noise hits both alike; medians are reported. The ratio is
 ours / baseline goodput, higher is better; the goal is >= 0.9.
 
@@ -21,50 +22,58 @@ import asyncio
 import json
 import os
 import statistics
+import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+from edgespeed._compat import timeout
 from edgespeed.bench._fleet import entry
-from edgespeed.protocol import topics
-from edgespeed.protocol.envelope import open_message, pack_message
+from edgespeed.protocol.envelope import decode_header, open_message, pack_message
 from edgespeed.protocol.messages import Result
-from edgespeed.security import KeyDirectory, ReplayGuard, Sealer, create_ca, issue_certificate
+from edgespeed.security import KeyDirectory, ReplayGuard, Sealer, create_ca, issue_certificate, load_identity
 from edgespeed.transport import EmbeddedBroker, MqttConfig, MqttTransport
 
 SIZE = 1024 * 1024
+TOPIC = "bench/seal/in"
+DONE = "bench/seal/done"
 
 
-async def stream(
-    sender: MqttTransport,
-    receiver: MqttTransport,
-    topic: str,
-    count: int,
-    make: Callable[[], bytes | bytearray],
-    take: Callable[[bytes], object],
-) -> float:
-    """Seconds to move ``count`` payloads from ``sender`` to ``receiver``, opened on arrival."""
+async def receiver(url: str, pki: Path, count: int) -> None:
+    """The receiving end, in its own process as on a device: open every message, say when ``count`` arrived."""
+    keys = KeyDirectory(pki / "ca.crt")
+    keys.add_directory(pki)
+    with tempfile.TemporaryDirectory() as tmp:
+        identity = load_identity(pki, "dev-1", ca_file=pki / "ca.crt")
+        opener = Sealer("dev-1", identity.seal_key(), keys, replay=ReplayGuard(Path(tmp) / "replay.db"))
+        config = MqttConfig(url, "bench-rx", max_packet_size=4 * SIZE, queue_size=64)
+        async with MqttTransport(config) as rx:
+            await rx.subscribe(TOPIC)
+            print("ready", flush=True)
+            got = 0
+            async for message in rx.messages():
+                header, _ = decode_header(message.payload)
+                opener.open(message.payload) if header.sealed else open_message(message.payload)
+                got += 1
+                if got == count:
+                    got = 0
+                    await rx.publish(DONE, b"1")
+
+
+async def stream(sender: MqttTransport, done: AsyncIterator[Any], count: int, make: Callable[[], Any]) -> float:
+    """Seconds to move ``count`` payloads to the receiver process, until it has opened them all."""
     slots = asyncio.Semaphore(16)
 
-    async def send() -> None:
-        async def one() -> None:
-            async with slots:
-                await sender.publish(topic, make())
-
-        await asyncio.gather(*(one() for _ in range(count)))
-
-    async def receive() -> None:
-        got = 0
-        async for message in receiver.messages():
-            take(message.payload)
-            got += 1
-            if got == count:
-                return
+    async def one() -> None:
+        async with slots:
+            await sender.publish(TOPIC, make())
 
     start = time.perf_counter()
-    await asyncio.gather(send(), receive())
+    await asyncio.gather(*(one() for _ in range(count)))
+    async with timeout(120):
+        await anext(done)
     return time.perf_counter() - start
 
 
@@ -89,18 +98,26 @@ async def run(rounds: int, messages: int) -> list[dict[str, Any]]:
             "baseline": (plain, open_message),
         }
         async with EmbeddedBroker() as broker:
-            cfg: dict[str, Any] = {"max_packet_size": 4 * SIZE, "queue_size": 64}
-            async with (
-                MqttTransport(MqttConfig(broker.url, "bench-tx", **cfg)) as tx,
-                MqttTransport(MqttConfig(broker.url, "bench-rx", **cfg)) as rx,
-            ):
-                topic = topics.device_inbox("bench", "dev-1")
-                await rx.subscribe(topic)
-                net: dict[str, list[float]] = {"ours": [], "baseline": []}
-                for _ in range(rounds):
-                    for name, (make, take) in sides.items():
-                        seconds = await stream(tx, rx, topic, messages, make, take)
-                        net[name].append(messages * SIZE / seconds / 1e6)
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "edgespeed.bench.seal", "--receive", broker.url, str(ca.directory),
+                str(messages), stdout=asyncio.subprocess.PIPE,
+            )  # fmt: skip
+            try:
+                assert proc.stdout is not None
+                async with timeout(60):
+                    await proc.stdout.readline()
+                config = MqttConfig(broker.url, "bench-tx", max_packet_size=4 * SIZE, queue_size=64)
+                async with MqttTransport(config) as tx:
+                    await tx.subscribe(DONE)
+                    done = aiter(tx.messages())
+                    net: dict[str, list[float]] = {"ours": [], "baseline": []}
+                    for _ in range(rounds):
+                        for name, (make, _) in sides.items():
+                            seconds = await stream(tx, done, messages, make)
+                            net[name].append(messages * SIZE / seconds / 1e6)
+            finally:
+                proc.terminate()
+                await proc.wait()
         cpu: dict[str, list[float]] = {"ours": [], "baseline": []}
         for _ in range(rounds):
             for name, (make, take) in sides.items():
@@ -124,7 +141,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--messages", type=int, default=64)
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--receive", nargs=3, metavar=("URL", "PKI", "COUNT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.receive:
+        url, pki, count = args.receive
+        asyncio.run(receiver(url, Path(pki), int(count)))
+        return
     results = asyncio.run(run(args.rounds, args.messages))
     for result in results:
         print(json.dumps(result))
