@@ -173,3 +173,16 @@ def test_a_lost_device_gives_back_its_tasks_and_aborted_tasks_end(open_ledger: C
     assert not ledger.abort("t-3", "again", "already ended")
     record = ledger.get("t-3")
     assert record is not None and record.state is TaskState.FAILED and record.error_code == "no_capable_device"
+
+
+def test_a_task_recorded_and_claimed_in_one_transaction(open_ledger: Callable[[], Ledger]) -> None:
+    ledger = open_ledger()
+    deadline = now_ms() + 60_000
+    assert ledger.add_claimed("t-1", "digits", [b"in"], deadline, "dev-a", lease_ms=60_000)
+    assert not ledger.add_claimed("t-1", "digits", [b"in"], deadline, "dev-b", lease_ms=60_000)  # known id
+    record = ledger.get("t-1")
+    assert record is not None and record.state is TaskState.DISPATCHED and record.attempt == 1
+    assert record.device_id == "dev-a" and record.inputs == (b"in",)
+    assert ledger.due() == []
+    assert not ledger.complete("t-1", 1, "dev-b", [b"x"])  # attempt 1 is dev-a's
+    assert ledger.complete("t-1", 1, "dev-a", [b"out"])

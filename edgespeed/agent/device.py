@@ -73,12 +73,28 @@ _FORMAT_BACKENDS = {"onnx": ("onnx",), "tflite": ("tflite",), "safetensors": ("n
 _DEFAULT_ORDER = ("onnx", "tflite", "npu", "torch")
 
 
+# A model whose runs take less than this (moving average) runs on the event loop:
+# the hop to a worker thread would cost more than the run.
+_INLINE_S = 0.0005
+
+
 @dataclass
 class _Model:
     version: int
     backend: Backend
     pre: Pipeline
     post: Pipeline
+    seconds: float = 1.0  # moving average of a run; starts slow, so first runs go to a thread
+
+    async def run(self, inputs: list[np.ndarray[Any, Any]]) -> list[np.ndarray[Any, Any]]:
+        start = time.perf_counter()
+        if self.seconds < _INLINE_S:
+            outputs = self.backend.run(inputs)
+        else:
+            outputs = await self.backend.run_async(inputs)
+        elapsed = time.perf_counter() - start
+        self.seconds = elapsed if self.seconds == 1.0 else 0.8 * self.seconds + 0.2 * elapsed
+        return outputs
 
 
 @dataclass(frozen=True)
@@ -476,10 +492,10 @@ class Device:
     async def _run_group(self, model: _Model, group: list[tuple[_Job, list[np.ndarray[Any, Any]]]]) -> None:
         try:
             if len(group) == 1:
-                outputs = [await model.backend.run_async(group[0][1])]
+                outputs = [await model.run(group[0][1])]
             else:
                 stacked = [np.concatenate([arrays[i] for _, arrays in group]) for i in range(len(group[0][1]))]
-                merged = await model.backend.run_async(stacked)
+                merged = await model.run(stacked)
                 sizes = np.cumsum([arrays[0].shape[0] for _, arrays in group])[:-1]
                 outputs = [list(parts) for parts in zip(*(np.split(o, sizes) for o in merged), strict=True)]
         except BackendError as exc:

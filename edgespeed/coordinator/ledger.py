@@ -139,6 +139,29 @@ class Ledger(abc.ABC):
         )
         return bool(rows)
 
+    def add_claimed(
+        self, task_id: str, model_id: str, inputs: Sequence[bytes], deadline_ms: int, device_id: str, *, lease_ms: int
+    ) -> bool:
+        """Record a new task already given to ``device_id`` (attempt 1): `add` and `claim` in one transaction.
+
+        False, and nothing changes, if the id is already known.
+        """
+        now = now_ms()
+        with self._transaction():
+            rows = self._run(
+                f"INSERT INTO {self._t} (task_id, model_id, inputs, deadline_ms, state, attempt, device_id, "
+                "lease_until_ms, created_ms, updated_ms) VALUES (?, ?, ?, ?, 'dispatched', 1, ?, ?, ?, ?) "
+                "ON CONFLICT (task_id) DO NOTHING RETURNING task_id",
+                (task_id, model_id, _pack(inputs), deadline_ms, device_id, now + lease_ms, now, now),
+            )
+            if not rows:
+                return False
+            self._run(
+                f"INSERT INTO {self._a} (task_id, attempt, device_id, given_ms) VALUES (?, 1, ?, ?)",
+                (task_id, device_id, now),
+            )
+        return True
+
     def claim(self, task_id: str, device_id: str, *, lease_ms: int, now: int | None = None) -> int | None:
         """Give a due task to ``device_id``; returns the new attempt number, or None if not due."""
         now = now_ms() if now is None else now

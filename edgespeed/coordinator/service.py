@@ -195,6 +195,7 @@ class Coordinator:
         self._wake = asyncio.Event()
         self._changed = asyncio.Event()  # the registry or a model's readiness changed
         self._backlog = True  # until the first round has looked at the ledger
+        self._last_round = 0.0
         self._inline_db = False
         self._tasks: list[asyncio.Task[None]] = []
         self._closed = False
@@ -352,22 +353,32 @@ class Coordinator:
         future = self._waiters.get(task_id) or asyncio.get_running_loop().create_future()
         self._waiters[task_id] = future
         deadline_ms = now_ms() + int(seconds * 1000)
-        added = await self._db(self.ledger.add, task_id, model, encoded, deadline_ms)
-        if not added:
-            self._poll.add(task_id)  # known already: its outcome is in the ledger or on its way
-        elif self.config.shared_group:
-            self._poll.add(task_id)  # another coordinator may hear the answer
-        self.stats["submitted"] += added
-        if added and not self._backlog:
-            # Nothing is waiting for a device: place this one now rather than on the next round.
-            record = TaskRecord(
-                task_id, model, tuple(encoded), deadline_ms, TaskState.PENDING, 0, None, 0, None, None, None, 0
+        if self._backlog:
+            device_id = None  # others wait already: this one queues behind them
+        else:
+            # Nothing is waiting for a device: place this one now, recorded and claimed in one transaction.
+            record = TaskRecord(task_id, model, (), deadline_ms, TaskState.PENDING, 0, None, 0, None, None, None, 0)
+            device_id = self._choose(record)[0]
+        if device_id is not None:
+            lease = int(self.config.lease_s * 1000)
+            added = await self._db(
+                self.ledger.add_claimed, task_id, model, encoded, deadline_ms, device_id, lease_ms=lease
             )
-            send = await self._place(record)
-            if send is not None:
-                await send
+            if added:
+                self.stats["submitted"] += 1
+                self._inflight[device_id].add(task_id)
+                if self.config.shared_group:
+                    self._poll.add(task_id)
+                await self._send(device_id, Task(task_id, 1, model, deadline_ms, tuple(encoded)))
                 return TaskHandle(self, task_id, model)
-        self._wake.set()
+        else:
+            added = await self._db(self.ledger.add, task_id, model, encoded, deadline_ms)
+            self.stats["submitted"] += added
+            if added:
+                self._backlog = True
+                self._wake.set()
+        if not added or self.config.shared_group:
+            self._poll.add(task_id)  # known already, or a peer may hear the answer: the ledger will say
         return TaskHandle(self, task_id, model)
 
     async def wait(self, task_id: str, *, timeout: float | None = None) -> Outputs:
@@ -871,15 +882,21 @@ class Coordinator:
                 await asyncio.sleep(_TICK_S)
 
     async def _tick(self) -> None:
-        for device, status in self.registry.sweep():
-            log.info("device %s is %s", device, status.value)
-            if status is DeviceStatus.LOST:
-                await self._device_lost(device)
-        for task_id in await self._db(self.ledger.expire):
-            why = self._why.get(task_id)
-            self._fail(task_id, "deadline", "no result by the deadline" + (f" ({why})" if why else ""))
+        now = time.monotonic()
+        periodic = now - self._last_round >= _TICK_S
+        if periodic:
+            # Deadlines, silent devices and run-out leases are checked every tick; between ticks a
+            # wake-up only places what waits for a device.
+            self._last_round = now
+            for device, status in self.registry.sweep():
+                log.info("device %s is %s", device, status.value)
+                if status is DeviceStatus.LOST:
+                    await self._device_lost(device)
+            for task_id in await self._db(self.ledger.expire):
+                why = self._why.get(task_id)
+                self._fail(task_id, "deadline", "no result by the deadline" + (f" ({why})" if why else ""))
         assert self._transport is not None
-        if not self._transport.connected:
+        if not self._transport.connected or not (periodic or self._backlog):
             return
         sends: list[Awaitable[None]] = []
         backlog = False
