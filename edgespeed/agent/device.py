@@ -383,7 +383,7 @@ class Device:
         path = self._cache.path(manifest, shard)
         if not path.exists():
             assert self._transport is not None
-            queue: asyncio.Queue[Chunk | Error | None] = asyncio.Queue(32)
+            queue: asyncio.Queue[Chunk | Error | None] = asyncio.Queue(64)
             self._fetches[shard.name] = queue
             try:
                 await fetch_from(

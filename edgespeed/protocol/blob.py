@@ -48,6 +48,7 @@ class BlobSource:
         self.chunk_size = chunk_size
         self._bytes: bytes | None = None
         self._fd: int | None = None
+        self._digests: dict[tuple[int, int], bytes] = {}
         if isinstance(data, bytes | bytearray | memoryview):
             self._bytes = bytes(data)
             self.size = len(self._bytes)
@@ -76,7 +77,12 @@ class BlobSource:
         else:
             assert self._fd is not None
             data = os.pread(self._fd, end - request.offset, request.offset)
-        return Chunk(blob_id=self.blob_id, offset=request.offset, data=data, sha256=hashlib.sha256(data).digest())
+        # Every receiver asks for the same chunks: each one's digest is computed once (32 bytes a chunk).
+        key = (request.offset, len(data))
+        digest = self._digests.get(key)
+        if digest is None:
+            digest = self._digests[key] = hashlib.sha256(data).digest()
+        return Chunk(blob_id=self.blob_id, offset=request.offset, data=data, sha256=digest)
 
     def close(self) -> None:
         """Release the file, if any."""
