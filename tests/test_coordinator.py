@@ -300,3 +300,36 @@ def test_configuration_errors_are_clear(tmp_path: Path) -> None:
     path.write_text('fleet = "f"\nbroker = "mqtt://127.0.0.1:1883"\npki_dir = "."\nstate_dir = "s"\n')
     assert CoordinatorConfig.from_toml(path).state_dir == (tmp_path / "s").resolve()
     assert dataclasses.replace(CoordinatorConfig.from_toml(path), presence=False).presence is False
+
+
+async def test_a_device_cannot_abort_another_devices_download_with_a_forged_error(
+    secure_broker: EmbeddedBroker, pki: Pki, tmp_path: Path
+) -> None:
+    """dev-b floods dev-a's inbox with unsealed blob errors that claim to come from the coordinator."""
+    from edgespeed.bench._fleet import big_onnx
+    from edgespeed.protocol.envelope import pack_message
+    from edgespeed.protocol.messages import Error
+
+    model = big_onnx(tmp_path / "big.onnx", 8)  # a download long enough to be hit many times
+    forged = pack_message(Error("unknown_blob", "forged"), sender="coord", recipient="dev-a")
+    a = agent_config(secure_broker, pki, "dev-a", tmp_path / "a", backends=("onnx",))
+    async with (
+        MqttTransport(mqtt_config(secure_broker.tls_url, "dev-b", tls=pki.tls("dev-b"))) as rogue,
+        Device(a),
+        Coordinator(coord_config(secure_broker, pki, tmp_path / "coord")) as c,
+    ):
+        stop = asyncio.Event()
+
+        async def flood() -> int:
+            sent = 0
+            while not stop.is_set():
+                await rogue.publish(topics.device_inbox(FLEET, "dev-a"), forged)
+                sent += 1
+                await asyncio.sleep(0.002)
+            return sent
+
+        flooding = asyncio.create_task(flood())
+        report = await c.publish_model([model], name="big", targets="dev-a", timeout=60)
+        stop.set()
+        assert await flooding > 10
+        assert report.ok, report

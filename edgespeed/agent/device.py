@@ -288,10 +288,10 @@ class Device:
                 log.exception("failed handling a message on %s", message.topic)
 
     async def _on_inbox(self, payload: bytes) -> None:
-        envelope, body = self._sealer.open(payload, allow_plain={MessageKind.CHUNK, MessageKind.ERROR})
-        if isinstance(body, Chunk) or (isinstance(body, Error) and not envelope.sealed):
-            # Chunk data is ciphertext checked against the signed manifest; an unsealed
-            # error can only end a download, and only when it claims the coordinator sent it.
+        envelope, body = self._sealer.open(payload, allow_plain={MessageKind.CHUNK})
+        if isinstance(body, Chunk) or (isinstance(body, Error) and not body.task_id):
+            # Chunk data is ciphertext checked against the signed manifest. A blob error ends a
+            # download: it counts only sealed, so only from the coordinator.
             if isinstance(body, Error) and envelope.sender != self.config.coordinator:
                 return
             for blob_id, queue in self._fetches.items():

@@ -234,7 +234,7 @@ class Coordinator:
                 will = Will(topics.coordinator_state(cfg.fleet), offline, retain=True)
             self._transport = MqttTransport(cfg.mqtt(self.client_id, will=will, persistent=self.primary))
         await self._transport.__aenter__()
-        self._server = BlobServer(self._transport, fleet=cfg.fleet, server_id=cfg.coordinator_id)
+        self._server = BlobServer(self._transport, fleet=cfg.fleet, server_id=cfg.coordinator_id, sealer=self.sealer)
         for stored in await asyncio.to_thread(self.store.latest):
             self._hold(stored)
         inbox = f"{topics.PREFIX}/{cfg.fleet}/coord/in/+"

@@ -14,6 +14,7 @@ import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from edgespeed._compat import timeout as timeout_after
 from edgespeed.errors import BlobError, ProtocolError, TransportError, TransportTimeoutError
@@ -22,6 +23,9 @@ from edgespeed.protocol.blob import BlobAssembler, BlobSource
 from edgespeed.protocol.envelope import decode_header, open_message, pack_message
 from edgespeed.protocol.messages import BlobInfo, Chunk, ChunkRequest, Error, MessageKind
 from edgespeed.transport.base import Message, Transport
+
+if TYPE_CHECKING:
+    from edgespeed.security.seal import Sealer
 
 __all__ = ["BlobServer", "fetch_blob", "fetch_from"]
 
@@ -36,10 +40,14 @@ class BlobServer:
         fleet: the fleet id.
         server_id: the id the server sends as (the coordinator's).
         concurrency: chunks being published at once.
+        sealer: seals the server's error replies (chunks travel in clear, checked by their hashes).
     """
 
-    def __init__(self, transport: Transport, *, fleet: str, server_id: str, concurrency: int = 8) -> None:
+    def __init__(
+        self, transport: Transport, *, fleet: str, server_id: str, concurrency: int = 8, sealer: Sealer | None = None
+    ) -> None:
         self._transport = transport
+        self._sealer = sealer
         self._fleet = topics.validate_id(fleet, "fleet")
         self._id = topics.validate_id(server_id, "server id")
         self._sources: dict[str, BlobSource] = {}
@@ -107,7 +115,12 @@ class BlobServer:
                     reply = source.chunk(request)
                 except BlobError as exc:
                     reply = Error(code=exc.reason, message=str(exc))
-            payload = pack_message(reply, sender=self._id, recipient=requester, correlation_id=request_id)
+            if isinstance(reply, Error) and self._sealer is not None:
+                # Chunks need no seal (each is checked against the signed manifest); an error ends a
+                # download, so it must provably come from the server.
+                payload: bytes | bytearray = self._sealer.seal(reply, recipient=requester, correlation_id=request_id)
+            else:
+                payload = pack_message(reply, sender=self._id, recipient=requester, correlation_id=request_id)
             await self._transport.publish(topics.device_inbox(self._fleet, requester), payload)
             self.served += isinstance(reply, Chunk)
         except TransportError as exc:
