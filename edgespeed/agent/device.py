@@ -57,7 +57,7 @@ from edgespeed.protocol.messages import (
     Result,
     Task,
 )
-from edgespeed.protocol.tensor import decode_tensor, encode_tensor
+from edgespeed.protocol.tensor import decode_tensor, encode_tensor, encode_with_codec
 from edgespeed.protocol.transfer import fetch_from
 from edgespeed.security import KeyDirectory, ReplayGuard, Sealer, iter_decrypted, load_identity, verify_manifest
 from edgespeed.security.blobcrypt import TAG_SIZE
@@ -507,12 +507,26 @@ class Device:
             return
         answers = []
         for (job, _), outs in zip(group, outputs, strict=True):
+            task = job.task
             try:
-                result = Result(job.task.task_id, job.task.attempt, tuple(encode_tensor(model.post(o)) for o in outs))
+                if task.route:  # a split model: the next stage gets our outputs as its inputs, sealed for it
+                    hop = task.route[0]
+                    forwarded = Task(
+                        task.task_id,
+                        task.attempt,
+                        hop.model_id,
+                        task.deadline_ms,
+                        tuple(encode_with_codec(model.post(o), hop.codec) for o in outs),
+                        reply_to=task.reply_to or job.sender,
+                        route=task.route[1:],
+                    )
+                    answers.append(self._send(hop.device, forwarded))
+                    continue
+                result = Result(task.task_id, task.attempt, tuple(encode_tensor(model.post(o)) for o in outs))
             except EdgeSpeedError as exc:
                 answers.append(self._fail(job, "backend_failure", str(exc)))
                 continue
-            answers.append(self._answer(job.task, job.sender, result))
+            answers.append(self._answer(task, job.sender, result))
         await asyncio.gather(*answers)  # published together: one broker round trip, not one per task
 
     async def _fail(self, job: _Job, code: str, message: str) -> None:
@@ -521,7 +535,7 @@ class Device:
         )
 
     async def _answer(self, task: Task, sender: str, message: Result | Error) -> None:
-        # A split model's stage forwards its result to the next stage's device.
+        # Every stage of a split model answers (its errors, the last stage's result) to reply_to.
         recipient = task.reply_to or sender
         await self._send(recipient, message)
 

@@ -56,7 +56,11 @@ def decode_body(cls: type[T], data: bytes | bytearray | memoryview) -> T:
 
 def _to_plain(value: object) -> object:
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: _to_plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        return {
+            f.name: _to_plain(getattr(value, f.name))
+            for f in dataclasses.fields(value)
+            if not (f.metadata.get("omit_empty") and not getattr(value, f.name))
+        }
     if isinstance(value, tuple | list):
         return [_to_plain(v) for v in value]
     if isinstance(value, Mapping):

@@ -31,6 +31,8 @@ __all__ = [
     "MessageKind",
     "ModelManifest",
     "ModelStatus",
+    "CODECS",
+    "Hop",
     "Result",
     "Task",
     "kind_of",
@@ -230,9 +232,33 @@ class Chunk:
         _check_digest("sha256", self.sha256)
 
 
+CODECS = ("", "fp16", "int8", "int8c", "fp16+zstd", "fp16+lz4", "int8+zstd", "int8+lz4", "int8c+zstd", "int8c+lz4")
+
+
+@dataclass(frozen=True, slots=True)
+class Hop:
+    """A later stage of a split model: the device that runs it, its shard, and how to encode its input."""
+
+    device: str
+    model_id: str
+    codec: str = ""
+
+    def __post_init__(self) -> None:
+        validate_id(self.device, "hop device")
+        validate_blob_id(self.model_id)
+        if self.codec not in CODECS:
+            raise DecodeError(f"unknown activation codec {self.codec!r}", reason="bad_body")
+
+
 @dataclass(frozen=True, slots=True)
 class Task:
-    """Run ``model_id`` on ``inputs`` (encoded tensors) before ``deadline_ms`` (Unix ms)."""
+    """Run ``model_id`` on ``inputs`` (encoded tensors) before ``deadline_ms`` (Unix ms).
+
+    ``reply_to`` names who gets the result or error (default: the sender). A
+    ``route`` lists the stages after this one: the device forwards its outputs
+    as the inputs of a new task for ``route[0]``, with the rest of the route and
+    the same ``reply_to``; the last stage answers.
+    """
 
     task_id: str
     attempt: int
@@ -240,6 +266,7 @@ class Task:
     deadline_ms: int
     inputs: tuple[bytes, ...]
     reply_to: str = ""
+    route: tuple[Hop, ...] = field(default=(), metadata={"omit_empty": True})
 
     def __post_init__(self) -> None:
         validate_blob_id(self.task_id)
@@ -248,6 +275,8 @@ class Task:
         _check_range("deadline_ms", self.deadline_ms, 0, _U64)
         if self.reply_to:
             validate_id(self.reply_to, "reply_to")
+        if len(self.route) > 16:
+            raise DecodeError("a route has at most 16 stages", reason="bad_body")
 
 
 @dataclass(frozen=True, slots=True)

@@ -331,3 +331,23 @@ def _to_torch(array: np.ndarray[Any, Any]) -> Any:
     if not array.flags.writeable:
         array = array.copy()
     return torch.from_numpy(array)
+
+
+def encode_with_codec(tensor: Any, codec: str) -> bytes:
+    """Encode with a named activation codec: ``""`` (as is), ``fp16``, ``int8`` (one scale),
+    ``int8c`` (a scale per channel, axis 1), optionally followed by ``+zstd`` or ``+lz4``.
+
+    Integer tensors travel as they are whatever the codec: only floats are lossy-encoded.
+
+    Raises:
+        TensorError: an unknown codec.
+    """
+    name, _, packer = codec.partition("+")
+    encodings = {"": Encoding.RAW, "fp16": Encoding.FP16, "int8": Encoding.INT8, "int8c": Encoding.INT8}
+    compressions = {"": Compression.NONE, "zstd": Compression.ZSTD, "lz4": Compression.LZ4}
+    if name not in encodings or packer not in compressions:
+        raise TensorError(f"unknown activation codec {codec!r}", reason="bad_codec")
+    array = _as_numpy(tensor)
+    encoding = encodings[name] if array.dtype.kind == "f" else Encoding.RAW
+    axis = 1 if name == "int8c" and array.ndim > 1 and encoding is Encoding.INT8 else None
+    return encode_tensor(array, encoding=encoding, compression=compressions[packer], axis=axis)
