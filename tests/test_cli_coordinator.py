@@ -75,9 +75,19 @@ async def test_publish_submit_and_status_from_the_command_line(
                                     "--config", config)  # fmt: skip
         assert code == 1 and "cannot read" in out and "Traceback" not in out
 
+        code, out = await edgespeed(
+            "model", "publish", str(digits.onnx), "--name", "dsplit", "--split", "2", "--targets", "dev-a",
+            "--config", config,
+        )  # fmt: skip
+        assert code == 0 and "2 stages, cut at" in out, out
+        code, out = await edgespeed(
+            "task", "submit", "--model", "dsplit", "--input", str(tmp_path / "x.npy"), "--config", config
+        )
+        assert code == 0 and f"argmax per row: {expected}" in out, out
+
         code, out = await edgespeed("status", "--config", config)
         assert code == 0, out
-        for text in ("dev-a", "dev-b", "online", "digits", "done 1", "failed 1"):
+        for text in ("dev-a", "dev-b", "online", "digits", "done 2", "failed 1", "dsplit-s1", "dsplit-s2"):
             assert text in out, (text, out)
 
         code, out = await edgespeed("model", "publish", str(tmp_path / "x.npy"), "--name", "x", "--config", config)

@@ -378,6 +378,8 @@ class Device:
         verify_manifest(
             manifest, self._directory, installed_version=installed if installed != manifest.version else None
         )
+        if manifest.keys and cfg.device_id not in manifest.keys:
+            return None  # not a target of this model (a coordinator wraps the key for us if we become one)
         variant, backend_name = self._choose(manifest)
         shard = next(s for s in manifest.shards if s.name == variant["shard"])
         path = self._cache.path(manifest, shard)
@@ -398,9 +400,7 @@ class Device:
             finally:
                 del self._fetches[shard.name]
         if manifest.keys:
-            wrapped = manifest.keys.get(cfg.device_id)
-            if wrapped is None:
-                raise SecurityError(f"{manifest.model_id} carries no key for {cfg.device_id}", reason="no_key")
+            wrapped = manifest.keys[cfg.device_id]
             key = self._sealer.unwrap_key(manifest.signer, wrapped, context=f"{manifest.model_id}/{manifest.version}")
             source: Any = b"".join(
                 iter_decrypted(path, key, blob_id=shard.name, chunk_size=shard.chunk_size - TAG_SIZE)

@@ -72,11 +72,17 @@ def publish(
     architecture: str = typer.Option("", "--architecture", help="The torch architecture of .safetensors weights."),
     timeout: float = typer.Option(300.0, "--timeout", help="Seconds to wait for the targets to report."),
     wait: bool = typer.Option(True, "--wait/--no-wait", help="Wait until every target reported."),
+    split: str = typer.Option(
+        "", "--split", help="Run as a pipeline across devices: auto (the planner decides), N stages, or NODE,NODE."
+    ),
+    codec: str = typer.Option("", "--codec", help="Activations between stages: fp16, int8, int8c, +zstd, +lz4."),
     config: Path = CONFIG,
 ) -> None:
     """Encrypt, sign and publish a model; serve its chunks until the targets report ready."""
     try:
-        report = asyncio.run(_publish(_config(config), paths, name, version, targets, architecture, timeout, wait))
+        report = asyncio.run(
+            _publish(_config(config), paths, name, version, targets, architecture, timeout, wait, split, codec)
+        )
     except EdgeSpeedError as exc:
         raise fail(exc) from None
     table = Table("device", "state", "detail", title=f"{report.model_id} v{report.version}")
@@ -104,6 +110,8 @@ async def _publish(
     architecture: str,
     timeout: float,
     wait: bool,
+    split: str = "",
+    codec: str = "",
 ) -> RolloutReport:
     from edgespeed.coordinator import Coordinator
     from edgespeed.coordinator.service import default_client_id
@@ -124,7 +132,7 @@ async def _publish(
                 done = len(report.ready) + len(report.failed)
                 progress.update(bar, completed=done, total=len(report.targets), chunks=chunks)
 
-            return await c.publish_model(
+            report = await c.publish_model(
                 paths,
                 name=name,
                 version=version,
@@ -133,7 +141,16 @@ async def _publish(
                 wait=wait,
                 timeout=timeout,
                 on_progress=update,
+                split=split,
+                codec=codec,
             )
+        if split and name in c.splits():
+            stages = c.splits()[name]
+            console.print(
+                f"{name}: {len(stages.shards)} stages, cut at {', '.join(stages.cuts) or 'nothing'}; "
+                f"planned on {' -> '.join(stages.preferred)}, predicted {stages.predicted_s * 1000:.2f} ms"
+            )
+        return report
 
 
 @task_app.command("submit")
@@ -219,5 +236,20 @@ async def _status(config: CoordinatorConfig, listen: float) -> None:
             models.add_row(model_id, str(manifest.version), formats, ", ".join(c.devices_for(model_id)) or "-")
         if c.models():
             console.print(models)
+        if c.splits():
+            splits = Table("model", "stages", "cut at", "codec", "planned on", "predicted vs measured", title="split")
+            for name, split in c.splits().items():
+                where = [f"{shard}: {', '.join(c.devices_for(shard)) or '-'}" for shard in split.shards]
+                report = split.report()
+                measured = f"{report.get('measured_p50_ms', '-')} ms" if report["requests"] else "no requests yet"
+                splits.add_row(
+                    name,
+                    "\n".join(where),
+                    ", ".join(split.cuts),
+                    split.codec or "-",
+                    " -> ".join(split.preferred),
+                    f"{report['predicted_ms']} ms / {measured}",
+                )
+            console.print(splits)
         counts = await c.counts()
         console.print("tasks: " + ", ".join(f"{state} {n}" for state, n in counts.items()))

@@ -41,6 +41,7 @@ class CoordinatorConfig:
             the same group split the device answers between them (they must share a
             PostgreSQL ledger). Empty: every coordinator hears everything.
         presence: publish the retained online state (and its offline will).
+        split_objective: what the split planner optimises: ``throughput`` or ``latency``.
         max_message_bytes: largest MQTT packet the coordinator sends (the broker's limit may be
             lower); a task whose inputs do not fit fails with ``input_too_large``.
     """
@@ -61,6 +62,7 @@ class CoordinatorConfig:
     shared_group: str = ""
     presence: bool = True
     max_message_bytes: int = 8 * 1024 * 1024
+    split_objective: str = "throughput"
 
     def __post_init__(self) -> None:
         try:
@@ -71,6 +73,8 @@ class CoordinatorConfig:
         except TopicError as exc:
             raise ConfigError(str(exc)) from exc
         parse_broker_url(self.broker)
+        if self.split_objective not in ("throughput", "latency"):
+            raise ConfigError("split_objective is throughput or latency")
         if self.policy not in POLICIES:
             raise ConfigError(f"unknown policy {self.policy!r}; known: {', '.join(POLICIES)}")
         if min(self.heartbeat_s, self.lease_s, self.deadline_s) <= 0:

@@ -36,6 +36,7 @@ from edgespeed.coordinator.ledger import Ledger, PostgresLedger, SqliteLedger, T
 from edgespeed.coordinator.policies import LeastLoaded, Policy, Requirements, RoundRobin, capable
 from edgespeed.coordinator.registry import DeviceInfo, DeviceStatus, Registry
 from edgespeed.coordinator.selector import matches
+from edgespeed.coordinator.splits import SplitModel, choose_cuts, load_splits
 from edgespeed.coordinator.store import ModelStore, StoredModel
 from edgespeed.errors import (
     ConfigError,
@@ -47,6 +48,8 @@ from edgespeed.errors import (
     TaskError,
     TransportError,
 )
+from edgespeed.optimize.planner import Link
+from edgespeed.optimize.split import Segment, profile_onnx, split_onnx
 from edgespeed.protocol import topics
 from edgespeed.protocol.blob import DEFAULT_CHUNK_SIZE, BlobSource
 from edgespeed.protocol.envelope import open_message, pack_message
@@ -56,6 +59,7 @@ from edgespeed.protocol.messages import (
     Death,
     Error,
     Heartbeat,
+    Hop,
     ModelManifest,
     ModelStatus,
     Result,
@@ -192,6 +196,9 @@ class Coordinator:
         self._pins: dict[str, str] = {}
         self._why: dict[str, str] = {}
         self._ready_on: defaultdict[str, set[str]] = defaultdict(set)
+        self._splits: dict[str, SplitModel] = {}
+        self._routes: dict[str, tuple[int, list[str]]] = {}  # split task -> (attempt, its stage devices)
+        self._submitted: dict[str, tuple[str, float]] = {}  # split task -> (model, when), for the planner's report
         self._wake = asyncio.Event()
         self._changed = asyncio.Event()  # the registry or a model's readiness changed
         self._backlog = True  # until the first round has looked at the ledger
@@ -237,6 +244,7 @@ class Coordinator:
         self._server = BlobServer(self._transport, fleet=cfg.fleet, server_id=cfg.coordinator_id, sealer=self.sealer)
         for stored in await asyncio.to_thread(self.store.latest):
             self._hold(stored)
+        self._splits = await asyncio.to_thread(load_splits, self.store.root)
         inbox = f"{topics.PREFIX}/{cfg.fleet}/coord/in/+"
         if cfg.shared_group:
             inbox = f"$share/{cfg.shared_group}/{inbox}"
@@ -353,8 +361,10 @@ class Coordinator:
         future = self._waiters.get(task_id) or asyncio.get_running_loop().create_future()
         self._waiters[task_id] = future
         deadline_ms = now_ms() + int(seconds * 1000)
-        if self._backlog:
-            device_id = None  # others wait already: this one queues behind them
+        if model in self._splits:
+            self._submitted[task_id] = (model, time.perf_counter())
+        if self._backlog or model in self._splits:
+            device_id = None  # others wait already (or a pipeline to place): the scheduler places it
         else:
             # Nothing is waiting for a device: place this one now, recorded and claimed in one transaction.
             record = TaskRecord(task_id, model, (), deadline_ms, TaskState.PENDING, 0, None, 0, None, None, None, 0)
@@ -544,6 +554,10 @@ class Coordinator:
         timeout: float = 300.0,
         settle: float = 0.5,
         on_progress: Callable[[RolloutReport, int], None] | None = None,
+        split: str = "",
+        codec: str = "",
+        sample: Sequence[Array] | None = None,
+        link: Link | None = None,
     ) -> RolloutReport:
         """Encrypt, sign, store and publish a model; wait for the targets to report.
 
@@ -557,6 +571,13 @@ class Coordinator:
             wait: wait until every target reported ready or failed (or ``timeout``).
             settle: seconds to let retained births arrive before choosing targets.
             on_progress: called with the report so far and chunks served, as devices report.
+            split: serve the model as a pipeline of shards on several devices: ``auto`` (the
+                planner decides, possibly not to split), ``N`` stages of even measured time, or
+                the tensor names to cut at (``a,b``). One ``.onnx`` file only.
+            codec: how stages send activations on: ``fp16``, ``int8``, ``int8c`` (per channel),
+                optionally ``+zstd`` or ``+lz4``; empty for as they are.
+            sample: inputs to profile the model with (default: zeros of its input shape, batch 1).
+            link: the network the planner assumes (default: `Link()`; 100 Mbit/s, 2 ms).
 
         Raises:
             ConfigError: an unknown file type, a missing architecture, or a version not newer.
@@ -572,16 +593,131 @@ class Coordinator:
                 raise ConfigError(f"{path}: no such file")
             if path.suffix == ".safetensors" and not architecture:
                 raise ConfigError(f"{path}: safetensors weights need --architecture (e.g. digits-cnn)")
+        if split and (len(files) != 1 or files[0].suffix != ".onnx"):
+            raise ConfigError("a split model is published from one .onnx file")
+        self._split_options = (link or Link(), sample)
         await asyncio.sleep(max(0.0, settle - (time.monotonic() - self._started)))
-        known = self._models.get(model_id)
-        newest = max(self.store.versions(model_id) or [0], default=0)
-        if known is not None:
-            newest = max(newest, known.manifest.version)
+        newest = self._newest(model_id)
         version = newest + 1 if version is None else version
         if version <= newest:
             raise ConfigError(f"{model_id} v{newest} exists: the new version must be greater")
         chosen = [d.device_id for d in self.registry.devices(DeviceStatus.ONLINE, DeviceStatus.SUSPECT)]
         chosen = [d for d in chosen if matches(targets, self.registry.get(d))]  # type: ignore[arg-type]
+        if split:
+            entries = await self._publish_split(files, model_id, version, split, codec, targets, chosen, sample)
+        else:
+            entries = [await self._publish_files(model_id, files, version, targets, chosen, architecture, pipeline)]
+        report = self._combined(model_id, version, entries, chosen)
+        if not wait or not chosen:
+            return report
+        with contextlib.suppress(TimeoutError):
+            async with timeout_after(timeout):
+                while report.missing:
+                    if on_progress is not None:
+                        on_progress(report, self._server.served)
+                    for entry in entries:
+                        entry.changed.clear()
+                    with contextlib.suppress(TimeoutError):
+                        async with timeout_after(0.5):
+                            await asyncio.wait(
+                                [asyncio.ensure_future(e.changed.wait()) for e in entries],
+                                return_when=asyncio.FIRST_COMPLETED,
+                            )
+                    if self.config.shared_group:  # a peer may have heard some reports: they are in the ledger
+                        for entry in entries:
+                            shard, shard_version = entry.manifest.model_id, entry.manifest.version
+                            rows = await self._db(self.ledger.rollouts, shard, shard_version)
+                            for device, (state, detail) in rows.items():
+                                entry.status[device] = (f"{state}@{shard_version}", detail)
+                    report = self._combined(model_id, version, entries, chosen)
+        if on_progress is not None:
+            on_progress(report, self._server.served)
+        return report
+
+    async def _publish_split(
+        self,
+        files: Sequence[Path],
+        name: str,
+        version: int,
+        spec: str,
+        codec: str,
+        targets: str,
+        chosen: Sequence[str],
+        sample: Sequence[Array] | None,
+    ) -> list[_Model]:
+        """Profile, plan, cut, and publish each shard (to every target, so any of them can take a stage over)."""
+        link, sample = self._split_options
+        source = files[0]
+        segments, inputs = await asyncio.to_thread(_profile, source, sample)
+        input_bytes = sum(int(x.nbytes) for x in inputs)
+        cuts, chosen_plan = choose_cuts(
+            segments,
+            spec,
+            chosen,
+            link=link,
+            objective=self.config.split_objective,
+            codec=codec,
+            input_bytes=input_bytes,
+        )
+        log.info("%s: %s", name, chosen_plan.describe())
+        folder = self.store.root / name / str(version)
+        folder.mkdir(parents=True, exist_ok=True)
+        shards = await asyncio.to_thread(split_onnx, source, cuts)
+        entries, shard_ids = [], []
+        for k, shard in enumerate(shards, start=1):
+            shard_id = f"{name}-s{k}"
+            path = folder / f"stage{k}.onnx"
+            await asyncio.to_thread(path.write_bytes, shard.SerializeToString())
+            shard_version = max(self._newest(shard_id) + 1, version)
+            entries.append(await self._publish_files(shard_id, [path], shard_version, targets, chosen))
+            shard_ids.append(shard_id)
+        split = SplitModel(
+            name,
+            version,
+            shard_ids,
+            cuts,
+            codec,
+            chosen_plan.devices,
+            chosen_plan.latency_s,
+            self.config.split_objective,
+        )
+        await asyncio.to_thread(split.save, folder)
+        self._splits[name] = split
+        return entries
+
+    def splits(self) -> dict[str, SplitModel]:
+        """The split models, with their stages, plan and the planner's prediction against what happened."""
+        return dict(self._splits)
+
+    def _newest(self, model_id: str) -> int:
+        known = self._models.get(model_id)
+        newest = max(self.store.versions(model_id) or [0], default=0)
+        split = self._splits.get(model_id)
+        return max(newest, known.manifest.version if known else 0, split.version if split else 0)
+
+    def _combined(
+        self, model_id: str, version: int, entries: Sequence[_Model], targets: Sequence[str]
+    ) -> RolloutReport:
+        """One report for a model: a device is ready when every shard is ready on it."""
+        reports = [self._report(e, targets) for e in entries]
+        ready = {d: reports[0].ready[d] for d in targets if all(d in r.ready for r in reports)}
+        failed: dict[str, str] = {}
+        for r in reports:
+            for device, reason in r.failed.items():
+                failed.setdefault(device, reason)
+        return RolloutReport(model_id, version, tuple(targets), ready, failed)
+
+    async def _publish_files(
+        self,
+        model_id: str,
+        files: Sequence[Path],
+        version: int,
+        targets: str,
+        chosen: Sequence[str],
+        architecture: str = "",
+        pipeline: Sequence[dict[str, Any]] = (),
+    ) -> _Model:
+        """Encrypt, store, sign and announce one model id's variants."""
 
         def build() -> tuple[list[BlobSource], bytes]:
             key: bytes | None = None
@@ -618,27 +754,7 @@ class Coordinator:
         entry = self._hold(stored)
         await self._announce(manifest)
         log.info("published %s v%d to %s", model_id, version, ", ".join(chosen) or "no device yet")
-        report = self._report(entry, chosen)
-        if not wait or not chosen:
-            return report
-        with contextlib.suppress(TimeoutError):
-            async with timeout_after(timeout):
-                while report.missing:
-                    if on_progress is not None:
-                        on_progress(report, self._server.served)
-                    entry.changed.clear()
-                    with contextlib.suppress(TimeoutError):
-                        async with timeout_after(0.5):
-                            await entry.changed.wait()
-                    if self.config.shared_group:  # a peer may have heard some reports: they are in the ledger
-                        for device, (state, detail) in (
-                            await self._db(self.ledger.rollouts, model_id, version)
-                        ).items():
-                            entry.status[device] = (f"{state}@{version}", detail)
-                    report = self._report(entry, chosen)
-        if on_progress is not None:
-            on_progress(report, self._server.served)
-        return report
+        return entry
 
     def _report(self, entry: _Model, targets: Sequence[str]) -> RolloutReport:
         version = entry.manifest.version
@@ -772,6 +888,9 @@ class Coordinator:
 
     async def _on_result(self, device: str, result: Result) -> None:
         self._inflight[device].discard(result.task_id)
+        route = self._routes.pop(result.task_id, None)
+        for stage in route[1] if route else ():
+            self._inflight[stage].discard(result.task_id)
         job = asyncio.ensure_future(
             self._db(self.ledger.complete, result.task_id, result.attempt, device, result.outputs)
         )
@@ -792,6 +911,9 @@ class Coordinator:
     def _account(self, result: Result, accepted: bool) -> None:
         if accepted:
             self.stats["completed"] += 1
+            submitted = self._submitted.pop(result.task_id, None)
+            if submitted is not None and submitted[0] in self._splits:
+                self._splits[submitted[0]].measured.append(time.perf_counter() - submitted[1])
             self._finish(result.task_id, result.outputs)
         else:
             self.stats["duplicates"] += 1  # a late or repeated answer: the first one won
@@ -801,6 +923,12 @@ class Coordinator:
             log.warning("%s reported %s: %s", device, error.code, error.message)
             return
         self._inflight[device].discard(error.task_id)
+        route = self._routes.get(error.task_id)
+        if route is not None and device in route[1]:
+            self._routes.pop(error.task_id, None)
+            for stage in route[1]:
+                self._inflight[stage].discard(error.task_id)
+            device = route[1][-1]  # the attempt is recorded as the last stage's
         if error.code in RETRYABLE:
             self._avoid[error.task_id].add(device)
             self._why[error.task_id] = f"{device}: {error.code}"
@@ -823,6 +951,13 @@ class Coordinator:
         self._wake.set()
 
     async def _device_lost(self, device: str) -> None:
+        for task_id, (attempt, devices) in list(self._routes.items()):
+            if device in devices:  # a stage of its pipeline is gone: the whole request is placed again
+                self._routes.pop(task_id, None)
+                for other in devices:
+                    self._inflight[other].discard(task_id)
+                if await self._db(self.ledger.release, task_id, attempt):
+                    self.stats["redispatched"] += 1
         self._inflight.pop(device, None)
         for ready in self._ready_on.values():
             ready.discard(device)
@@ -847,6 +982,7 @@ class Coordinator:
             future.set_exception(TaskError(f"task {task_id}: {message}", code=code, task_id=task_id))
 
     def _forget(self, task_id: str) -> None:
+        self._submitted.pop(task_id, None)
         self._avoid.pop(task_id, None)
         self._pins.pop(task_id, None)
         self._why.pop(task_id, None)
@@ -916,6 +1052,9 @@ class Coordinator:
             why = self._why.get(task_id, "")
             await self._abort(task_id, "attempts_exhausted", f"{record.attempt} attempts failed {why}".strip())
             return None
+        split = self._splits.get(record.model_id)
+        if split is not None:
+            return await self._place_split(record, split)
         device, verdict = self._choose(record)
         if device is None:
             if verdict is not None:
@@ -927,6 +1066,49 @@ class Coordinator:
         self._inflight[device].add(task_id)
         task = Task(task_id, attempt, record.model_id, record.deadline_ms, record.inputs)
         return self._send(device, task)
+
+    async def _place_split(self, record: TaskRecord, split: SplitModel) -> Awaitable[None] | None:
+        """Give each stage a device that runs its shard; the last one answers, so the attempt is its."""
+        devices: list[str] = []
+        for k, shard in enumerate(split.shards):
+            stage = dataclasses.replace(record, model_id=shard)
+            preferred = split.preferred[k] if k < len(split.preferred) else ""
+            info = self.registry.get(preferred)
+            cap = self.config.max_inflight
+            if (
+                info is not None
+                and info.status is DeviceStatus.ONLINE
+                and self._runs(info, shard)
+                and len(self._inflight[preferred]) < cap
+                and preferred not in self._avoid.get(record.task_id, set())
+            ):
+                devices.append(preferred)
+                continue
+            device, verdict = self._choose(stage)  # the planned device is gone or busy: re-place this stage
+            if device is None:
+                if verdict is not None:
+                    await self._abort(record.task_id, verdict[0], f"stage {k + 1} ({shard}): {verdict[1]}")
+                return None
+            devices.append(device)
+        attempt = await self._db(
+            self.ledger.claim, record.task_id, devices[-1], lease_ms=int(self.config.lease_s * 1000)
+        )
+        if attempt is None:
+            return None
+        for device in devices:
+            self._inflight[device].add(record.task_id)
+        self._routes[record.task_id] = (attempt, devices)
+        route = tuple(Hop(d, m, split.codec) for d, m in zip(devices[1:], split.shards[1:], strict=True))
+        task = Task(
+            record.task_id,
+            attempt,
+            split.shards[0],
+            record.deadline_ms,
+            record.inputs,
+            reply_to=self.config.coordinator_id,
+            route=route,
+        )
+        return self._send(devices[0], task)
 
     async def _send(self, device: str, task: Task) -> None:
         assert self._transport is not None
@@ -1012,3 +1194,22 @@ async def _gather(aws: Sequence[Awaitable[T]], return_exceptions: bool) -> list[
 def default_client_id(config: CoordinatorConfig, purpose: str) -> str:
     """A client id for a short-lived tool beside the coordinator (``coord-cli-1234``)."""
     return f"{config.coordinator_id}-{purpose}-{os.getpid()}"
+
+
+def _profile(path: Path, sample: Sequence[Array] | None) -> tuple[list[Segment], list[Array]]:
+    """Profile an ONNX model's segments with ``sample`` (default: zeros of its input shapes, batch 1)."""
+    if sample is None:
+        import onnx
+
+        model = onnx.load(str(path), load_external_data=False)
+        weights = {i.name for i in model.graph.initializer}
+        sample = []
+        for meta in model.graph.input:
+            if meta.name in weights:
+                continue
+            tensor = meta.type.tensor_type
+            shape = [d.dim_value if d.dim_value > 0 else 1 for d in tensor.shape.dim]
+            dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type)
+            sample.append(np.zeros(shape, dtype=dtype))
+    inputs = list(sample)
+    return profile_onnx(path, inputs), inputs

@@ -185,7 +185,7 @@ def split_torch(module: Any, example: Any, parts: int) -> list[bytes]:
         import warnings
 
         buffer = io.BytesIO()
-        with warnings.catch_warnings(), torch.inference_mode():
+        with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
             y = piece(x)
             if not isinstance(y, torch.Tensor):

@@ -1,0 +1,135 @@
+"""Split models as the coordinator keeps them: the shards in order, the codec, the plan and how it fared."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edgespeed.errors import ConfigError
+from edgespeed.optimize.planner import Link, Plan, plan
+from edgespeed.optimize.split import Segment
+from edgespeed.protocol.messages import CODECS
+
+__all__ = ["SplitModel", "choose_cuts", "load_splits"]
+
+
+@dataclass
+class SplitModel:
+    """A model served as a pipeline of shards (``<name>-s1``, ``<name>-s2``, ...)."""
+
+    name: str
+    version: int
+    shards: list[str]
+    cuts: list[str]
+    codec: str
+    preferred: list[str]  # the planned device of each stage
+    predicted_s: float
+    objective: str
+    measured: deque[float] = field(default_factory=lambda: deque(maxlen=1000))
+
+    def report(self) -> dict[str, Any]:
+        """The planner's prediction against what happened (latency of completed requests)."""
+        out: dict[str, Any] = {"predicted_ms": round(self.predicted_s * 1000, 3), "requests": len(self.measured)}
+        if self.measured:
+            p50 = statistics.median(self.measured)
+            out["measured_p50_ms"] = round(p50 * 1000, 3)
+            out["error"] = round((p50 - self.predicted_s) / p50, 3) if p50 else None
+        return out
+
+    def save(self, folder: Path) -> None:
+        data = {k: v for k, v in asdict(self).items() if k != "measured"}
+        (folder / "split.json").write_text(json.dumps(data))
+
+
+def load_splits(root: Path) -> dict[str, SplitModel]:
+    """Every split model recorded under the model store's ``root`` (the newest version of each)."""
+    found: dict[str, SplitModel] = {}
+    if not root.is_dir():
+        return found
+    for path in sorted(root.glob("*/*/split.json")):
+        data = json.loads(path.read_text())
+        split = SplitModel(**data)
+        if split.name not in found or found[split.name].version < split.version:
+            found[split.name] = split
+    return found
+
+
+def choose_cuts(
+    segments: Sequence[Segment],
+    spec: str,
+    devices: Sequence[str],
+    *,
+    link: Link,
+    objective: str,
+    codec: str,
+    input_bytes: int,
+) -> tuple[list[str], Plan]:
+    """Where to cut, from ``--split``: ``auto`` (the planner decides), ``N`` (stages of even measured time),
+    or the tensor names to cut at (``NODE,NODE``). Returns the cuts and the plan for them.
+
+    Raises:
+        ConfigError: a bad spec, or no device to plan for.
+    """
+    if codec not in CODECS:
+        raise ConfigError(f"unknown activation codec {codec!r}; one of {', '.join(c or '(none)' for c in CODECS)}")
+    if not devices:
+        raise ConfigError("no device to plan a split for: start the agents first")
+    speeds = {d: 1.0 for d in devices}
+    ratio = 0.25 if codec.startswith("int8") else 0.5 if codec.startswith("fp16") else 1.0
+    ends = [s.end for s in segments[:-1]]
+    if spec == "auto":
+        best = plan(segments, speeds, link, objective=objective, input_bytes=input_bytes, codec_ratio=ratio)  # type: ignore[arg-type]
+        return best.cuts, best
+    if spec.isdigit():
+        stages = int(spec)
+        if not 1 <= stages <= len(segments):
+            raise ConfigError(f"--split {stages}: the model has {len(segments)} pieces")
+        total = sum(s.seconds for s in segments)
+        cuts: list[str] = []
+        done = 0.0
+        for s in segments[:-1]:
+            done += s.seconds
+            if len(cuts) < stages - 1 and done >= total * (len(cuts) + 1) / stages:
+                cuts.append(s.end)
+        while len(cuts) < stages - 1:  # timings too uneven to fill: take the last free boundaries
+            cuts.append(next(e for e in reversed(ends) if e not in cuts))
+        cuts.sort(key=ends.index)
+    else:
+        cuts = [c.strip() for c in spec.split(",") if c.strip()]
+        unknown = [c for c in cuts if c not in ends]
+        if unknown:
+            raise ConfigError(f"cannot cut at {', '.join(unknown)}: the cuts of this model are {', '.join(ends)}")
+    bounds = [ends.index(c) + 1 for c in cuts]
+    fixed = _plan_for(segments, bounds, speeds, link, objective, input_bytes, ratio)
+    return cuts, fixed
+
+
+def _plan_for(
+    segments: Sequence[Segment],
+    bounds: Sequence[int],
+    speeds: dict[str, float],
+    link: Link,
+    objective: str,
+    input_bytes: int,
+    ratio: float,
+) -> Plan:
+    """The best device assignment for fixed cuts (devices may repeat when there are fewer than stages)."""
+    import itertools
+
+    from edgespeed.optimize.planner import _better, _evaluate
+
+    names = sorted(speeds)
+    best: Plan | None = None
+    stages = len(bounds) + 1
+    pool = itertools.permutations(names, stages) if len(names) >= stages else itertools.product(names, repeat=stages)
+    for chosen in pool:
+        candidate = _evaluate(segments, bounds, chosen, speeds, link, input_bytes, ratio, objective)  # type: ignore[arg-type]
+        if best is None or _better(candidate, best, objective):  # type: ignore[arg-type]
+            best = candidate
+    assert best is not None
+    return best
