@@ -128,6 +128,20 @@ async def test_split_models_run_as_pipelines_across_agents(
         with pytest.raises(ConfigError, match=r"one \.onnx"):
             await c.publish_model([digits.safetensors], name="bad", split="2", architecture="digits-cnn")
 
+        link = await c.measure_link()  # real transfers through this broker
+        assert link.bytes_per_s > 1e6 and 0 < link.rtt_s < 1
+
+    # A restarted coordinator knows the split models from its store.
+    async with (
+        Device(configs[0]),
+        Device(configs[1]),
+        Device(configs[2]),
+        Coordinator(coord_config(secure_broker, pki, tmp_path / "coord")) as again,
+    ):
+        assert again.splits()["d3"].cuts == split.cuts
+        await again.wait_for_devices(3, model="d3-s3")
+        np.testing.assert_allclose(await again.infer("d3", x[:3]), digits.reference[:3], atol=1e-4)
+
 
 @pytest.mark.mosquitto
 async def test_kill_9_of_a_middle_stage_during_a_stream(
@@ -152,6 +166,7 @@ async def test_kill_9_of_a_middle_stage_during_a_stream(
                 np.testing.assert_allclose(out[0], digits.reference[i % len(x)][None], atol=1e-4)
             assert c.stats["redispatched"] > 0
             assert time.monotonic() - started < 30
+            assert c.stats["replanned"] >= 1 and middle not in c.splits()["d3"].preferred
     finally:
         for proc in procs.values():
             proc.kill()

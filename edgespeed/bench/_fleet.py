@@ -134,8 +134,10 @@ class Fleet:
         )
 
     @contextlib.contextmanager
-    def agents(self, names: list[str], **settings: Any) -> Iterator[list[subprocess.Popen[bytes]]]:
-        """Device agents as processes (ONNX Runtime, one intra-op thread)."""
+    def agents(
+        self, names: list[str], *, cpus: dict[str, int] | None = None, **settings: Any
+    ) -> Iterator[list[subprocess.Popen[bytes]]]:
+        """Device agents as processes (ONNX Runtime, one intra-op thread), pinned to ``cpus`` where given."""
         procs = []
         try:
             for name in names:
@@ -153,11 +155,13 @@ class Fleet:
                 }
                 config = self.base / f"{name}.toml"
                 config.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in values.items()))
+                cpu = (cpus or {}).get(name)
                 procs.append(
                     subprocess.Popen(
-                        [sys.executable, "-m", "edgespeed", "device", "run", "--config", str(config)],
+                        [sys.executable, "-m", "edgespeed.agent", "--config", str(config)],
                         stdout=subprocess.DEVNULL,
                         stderr=subprocess.DEVNULL,
+                        preexec_fn=None if cpu is None else (lambda cpu=cpu: os.sched_setaffinity(0, {cpu})),
                     )
                 )
             yield procs

@@ -62,19 +62,9 @@ async def _agent_rss(quick: bool) -> list[dict[str, Any]]:
 
 
 async def _split(quick: bool) -> list[dict[str, Any]]:
-    return [
-        {
-            "name": "split",
-            "ours": None,
-            "baseline": None,
-            "unit": "requests/s",
-            "ratio": None,
-            "ratio_kind": "ours/baseline, higher is better",
-            "goal": ">= 1.4",
-            "meets": False,
-            "skipped": "split inference is not built yet",
-        }
-    ]
+    from edgespeed.bench import split
+
+    return await split.run(quick)
 
 
 GROUPS = (

@@ -20,6 +20,7 @@ import dataclasses
 import logging
 import os
 import secrets
+import statistics
 import time
 from collections import Counter, defaultdict
 from collections.abc import Awaitable, Callable, Iterable, Sequence
@@ -197,6 +198,7 @@ class Coordinator:
         self._why: dict[str, str] = {}
         self._ready_on: defaultdict[str, set[str]] = defaultdict(set)
         self._splits: dict[str, SplitModel] = {}
+        self._probe: asyncio.Queue[int] | None = None
         self._routes: dict[str, tuple[int, list[str]]] = {}  # split task -> (attempt, its stage devices)
         self._submitted: dict[str, tuple[str, float]] = {}  # split task -> (model, when), for the planner's report
         self._wake = asyncio.Event()
@@ -595,7 +597,7 @@ class Coordinator:
                 raise ConfigError(f"{path}: safetensors weights need --architecture (e.g. digits-cnn)")
         if split and (len(files) != 1 or files[0].suffix != ".onnx"):
             raise ConfigError("a split model is published from one .onnx file")
-        self._split_options = (link or Link(), sample)
+        self._split_options = (link, sample)
         await asyncio.sleep(max(0.0, settle - (time.monotonic() - self._started)))
         newest = self._newest(model_id)
         version = newest + 1 if version is None else version
@@ -647,6 +649,8 @@ class Coordinator:
     ) -> list[_Model]:
         """Profile, plan, cut, and publish each shard (to every target, so any of them can take a stage over)."""
         link, sample = self._split_options
+        if link is None:
+            link = await self.measure_link()
         source = files[0]
         segments, inputs = await asyncio.to_thread(_profile, source, sample)
         input_bytes = sum(int(x.nbytes) for x in inputs)
@@ -680,10 +684,43 @@ class Coordinator:
             chosen_plan.devices,
             chosen_plan.latency_s,
             self.config.split_objective,
+            segments=[[g.start, g.end, g.seconds, g.out_bytes] for g in segments],
+            link=[link.bytes_per_s, link.rtt_s],
+            input_bytes=input_bytes,
         )
         await asyncio.to_thread(split.save, folder)
         self._splits[name] = split
         return entries
+
+    async def measure_link(self, *, size: int = 256 * 1024, rounds: int = 5) -> Link:
+        """Measure the network a stage's activation crosses (through the broker) with real transfers.
+
+        Sends small and ``size``-byte messages to ourselves through the broker, one at a time: the
+        small ones give the latency of one hop between devices, the large ones its bandwidth.
+        """
+        assert self._transport is not None
+        topic = f"{topics.PREFIX}/{self.config.fleet}/coord/probe/{self.sealer.lane}"
+        self._probe = asyncio.Queue(8)
+        await self._transport.subscribe(topic)
+        try:
+            times: dict[int, list[float]] = {64: [], size: []}
+            for n in (64, size):
+                payload = os.urandom(n)
+                for _ in range(rounds + 1):
+                    start = time.perf_counter()
+                    await self._transport.publish(topic, payload, qos=0)
+                    async with timeout_after(10):
+                        await self._probe.get()
+                    times[n].append(time.perf_counter() - start)
+            small = statistics.median(times[64][1:])
+            large = statistics.median(times[size][1:])
+        finally:
+            self._probe = None
+            with contextlib.suppress(EdgeSpeedError):
+                await self._transport.unsubscribe(topic)
+        link = Link(bytes_per_s=size / max(large - small, 1e-6), rtt_s=2 * small)
+        log.info("link: %.1f MB/s, %.2f ms per hop", link.bytes_per_s / 1e6, small * 1000)
+        return link
 
     def splits(self) -> dict[str, SplitModel]:
         """The split models, with their stages, plan and the planner's prediction against what happened."""
@@ -824,6 +861,10 @@ class Coordinator:
                 log.exception("failed handling a message on %s", message.topic)
 
     async def _on_message(self, message: Message) -> None:
+        if self._probe is not None and "/coord/probe/" in message.topic:
+            with contextlib.suppress(asyncio.QueueFull):
+                self._probe.put_nowait(len(message.payload))
+            return
         try:
             await self._handle(message)
         finally:
@@ -951,6 +992,17 @@ class Coordinator:
         self._wake.set()
 
     async def _device_lost(self, device: str) -> None:
+        for split in self._splits.values():
+            if device in split.preferred:
+                left = [
+                    d.device_id
+                    for d in self.registry.online()
+                    if d.device_id != device and all(self._runs(d, shard) for shard in split.shards)
+                ]
+                replanned = split.replan(left)
+                if replanned is not None:
+                    log.info("%s re-planned without %s: %s", split.name, device, replanned.describe())
+                    self.stats["replanned"] += 1
         for task_id, (attempt, devices) in list(self._routes.items()):
             if device in devices:  # a stage of its pipeline is gone: the whole request is placed again
                 self._routes.pop(task_id, None)

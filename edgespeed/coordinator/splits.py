@@ -30,7 +30,24 @@ class SplitModel:
     preferred: list[str]  # the planned device of each stage
     predicted_s: float
     objective: str
+    segments: list[list[Any]] = field(default_factory=list)  # [start, end, seconds, out_bytes] per piece
+    link: list[float] = field(default_factory=lambda: [Link().bytes_per_s, Link().rtt_s])
+    input_bytes: int = 0
     measured: deque[float] = field(default_factory=lambda: deque(maxlen=1000))
+
+    def replan(self, devices: Sequence[str]) -> Plan | None:
+        """Choose devices for the same cuts among ``devices`` (a planned one was lost); None if none left."""
+        if not devices or not self.segments:
+            return None
+        pieces = [Segment(str(a), str(b), float(t), int(n)) for a, b, t, n in self.segments]
+        ends = [p.end for p in pieces[:-1]]
+        bounds = [ends.index(c) + 1 for c in self.cuts]
+        ratio = 0.25 if self.codec.startswith("int8") else 0.5 if self.codec.startswith("fp16") else 1.0
+        link = Link(bytes_per_s=self.link[0], rtt_s=self.link[1])
+        best = _plan_for(pieces, bounds, {d: 1.0 for d in devices}, link, self.objective, self.input_bytes, ratio)
+        self.preferred = best.devices
+        self.predicted_s = best.latency_s
+        return best
 
     def report(self) -> dict[str, Any]:
         """The planner's prediction against what happened (latency of completed requests)."""
