@@ -22,6 +22,8 @@ PACKAGES = [
     "edgespeed.pipeline",
     "edgespeed.coordinator",
     "edgespeed.coordinator.policies",
+    "edgespeed.optimize",
+    "edgespeed.bench.suite",
 ]
 
 

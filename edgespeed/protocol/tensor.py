@@ -38,6 +38,7 @@ __all__ = [
     "Encoding",
     "decode_tensor",
     "encode_tensor",
+    "encode_with_codec",
 ]
 
 DEFAULT_MAX_TENSOR_BYTES = 256 * 1024 * 1024
