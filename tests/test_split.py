@@ -128,6 +128,15 @@ async def test_split_models_run_as_pipelines_across_agents(
         with pytest.raises(ConfigError, match=r"one \.onnx"):
             await c.publish_model([digits.safetensors], name="bad", split="2", architecture="digits-cnn")
 
+        # A second real model: the demo's MLP trained on digits, split at its hidden layer.
+        from edgespeed.demo import export_onnx, train_digits_mlp
+
+        mlp = train_digits_mlp(epochs=200)
+        mlp_path = export_onnx(mlp, tmp_path / "mlp.onnx")
+        assert (await c.publish_model([mlp_path], name="mlp", split="2", sample=[mlp.x_test[:1]])).ok
+        got = np.concatenate(await c.map("mlp", [mlp.x_test[i : i + 1] for i in range(30)], concurrency=8))
+        np.testing.assert_allclose(got, mlp(mlp.x_test[:30]), rtol=1e-4, atol=1e-4)
+
         link = await c.measure_link()  # real transfers through this broker
         assert link.bytes_per_s > 1e6 and 0 < link.rtt_s < 1
 
