@@ -111,6 +111,8 @@ async def test_split_models_run_as_pipelines_across_agents(
             assert report.ok, report
             split = c.splits()[name]
             assert len(split.shards) == stages and len(set(split.preferred)) == stages
+            # Each device timed the shards itself; the plan uses those speeds.
+            assert set(split.speeds) == {"dev-a", "dev-b", "dev-c"} and all(v > 0 for v in split.speeds.values())
             sent = c.stats["dispatched"]
             outputs = await c.map(name, [x[i : i + 1] for i in range(40)], concurrency=8)
             np.testing.assert_allclose(np.concatenate(outputs), digits.reference[:40], atol=1e-4)

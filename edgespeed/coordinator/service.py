@@ -150,6 +150,7 @@ class _Model:
     stored: StoredModel | None = None
     status: dict[str, tuple[str, str]] = field(default_factory=dict)  # device -> (state, reason or backend)
     changed: asyncio.Event = field(default_factory=asyncio.Event)
+    run_ms: dict[str, float] = field(default_factory=dict)  # device -> a warm run, as the device measured it
 
     @property
     def formats(self) -> tuple[str, ...]:
@@ -634,7 +635,32 @@ class Coordinator:
                     report = self._combined(model_id, version, entries, chosen)
         if on_progress is not None:
             on_progress(report, self._server.served)
+        if split and report.ready:
+            self._fit_speeds(self._splits[model_id], entries, list(report.ready))
         return report
+
+    def _fit_speeds(self, split: SplitModel, entries: Sequence[_Model], devices: Sequence[str]) -> None:
+        """Re-plan a split model with each device's speed as it measured the shards itself.
+
+        A device's factor is the median, over the shards, of its warm run against this machine's
+        measurement of the same stage (the planner's unit).
+        """
+        local = split.stage_seconds()
+        speeds = {}
+        for device in devices:
+            ratios = [
+                e.run_ms[device] / 1000 / seconds
+                for e, seconds in zip(entries, local, strict=True)
+                if device in e.run_ms and seconds > 0
+            ]
+            if ratios:
+                speeds[device] = statistics.median(ratios)
+        if speeds:
+            split.speeds = speeds
+            replanned = split.replan(sorted(speeds))
+            if replanned is not None:
+                log.info("%s planned with measured device speeds %s: %s", split.name, speeds, replanned.describe())
+                split.save(self.store.root / split.name / str(split.version))
 
     async def _publish_split(
         self,
@@ -985,6 +1011,8 @@ class Coordinator:
         entry = self._models.get(status.model_id)
         if entry is not None:
             entry.status[device] = (f"{status.state}@{status.version}", detail)
+            if status.run_ms:
+                entry.run_ms[device] = status.run_ms
             entry.changed.set()
         if status.state == "ready":
             self._ready_on[status.model_id].add(device)

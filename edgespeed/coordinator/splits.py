@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import statistics
 from collections import deque
@@ -33,7 +34,14 @@ class SplitModel:
     segments: list[list[Any]] = field(default_factory=list)  # [start, end, seconds, out_bytes] per piece
     link: list[float] = field(default_factory=lambda: [Link().bytes_per_s, Link().rtt_s])
     input_bytes: int = 0
+    speeds: dict[str, float] = field(default_factory=dict)  # device -> speed factor, measured on the device
     measured: deque[float] = field(default_factory=lambda: deque(maxlen=1000))
+
+    def stage_seconds(self) -> list[float]:
+        """This machine's measurement of each stage (the sum of its segments)."""
+        ends = [str(s[1]) for s in self.segments[:-1]]
+        bounds = [0, *(ends.index(c) + 1 for c in self.cuts), len(self.segments)]
+        return [sum(float(s[2]) for s in self.segments[a:b]) for a, b in itertools.pairwise(bounds)]
 
     def replan(self, devices: Sequence[str]) -> Plan | None:
         """Choose devices for the same cuts among ``devices`` (a planned one was lost); None if none left."""
@@ -44,7 +52,8 @@ class SplitModel:
         bounds = [ends.index(c) + 1 for c in self.cuts]
         ratio = 0.25 if self.codec.startswith("int8") else 0.5 if self.codec.startswith("fp16") else 1.0
         link = Link(bytes_per_s=self.link[0], rtt_s=self.link[1])
-        best = _plan_for(pieces, bounds, {d: 1.0 for d in devices}, link, self.objective, self.input_bytes, ratio)
+        speeds = {d: self.speeds.get(d, 1.0) for d in devices}
+        best = _plan_for(pieces, bounds, speeds, link, self.objective, self.input_bytes, ratio)
         self.preferred = best.devices
         self.predicted_s = best.latency_s
         return best

@@ -76,6 +76,11 @@ class Backend(abc.ABC):
     def describe(self) -> dict[str, str]:
         """What runs the model: runtime version, device or providers, threads."""
 
+    def sample_inputs(self) -> list[np.ndarray[Any, Any]] | None:
+        """Zeros shaped like the loaded model's inputs (unknown dimensions as 1), to time a warm run; None
+        when the runtime does not say."""
+        return None
+
     def load(self, source: Path | str | bytes, spec: ModelSpec | None = None) -> Self:
         """Load a model from a file or from bytes, size-checked first.
 

@@ -73,6 +73,17 @@ def check_external_data(source: Path | bytes) -> None:
             )
 
 
+_ONNX_TYPES = {
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(double)": np.float64,
+    "tensor(int64)": np.int64,
+    "tensor(int32)": np.int32,
+    "tensor(uint8)": np.uint8,
+    "tensor(int8)": np.int8,
+}
+
+
 class OnnxBackend(Backend):
     """Runs ``.onnx`` models on the best execution provider present.
 
@@ -129,6 +140,17 @@ class OnnxBackend(Backend):
             invalid = "INVALID_ARGUMENT" in str(exc) or "Invalid" in type(exc).__name__
             reason = "bad_input" if invalid else "backend_failure"
             raise BackendError(f"onnxruntime: {exc}", reason=reason) from exc
+
+    def sample_inputs(self) -> list[np.ndarray[Any, Any]] | None:
+        if self._session is None:
+            return None
+        out = []
+        for meta in self._session.get_inputs():
+            dtype = _ONNX_TYPES.get(meta.type)
+            if dtype is None:
+                return None
+            out.append(np.zeros([d if isinstance(d, int) and d > 0 else 1 for d in meta.shape], dtype=dtype))
+        return out
 
     def describe(self) -> dict[str, str]:
         info = {"backend": self.name, "runtime": f"onnxruntime {_ort().__version__}"}

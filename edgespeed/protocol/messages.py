@@ -318,10 +318,13 @@ class ModelStatus:
     state: str
     reason: str = ""
     backend: str = ""
+    run_ms: float = field(default=0.0, metadata={"omit_empty": True})  # a warm run on the device, if measured
 
     def __post_init__(self) -> None:
         validate_blob_id(self.model_id)
         _check_range("version", self.version, 0, _U64)
+        if not (isinstance(self.run_ms, int | float) and 0 <= self.run_ms < 1e9):
+            raise DecodeError("run_ms must be a duration in milliseconds", reason="bad_body")
         if self.state not in ("ready", "failed"):
             raise DecodeError(f"model state must be ready or failed, not {self.state!r}", reason="bad_body")
 
