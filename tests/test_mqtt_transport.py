@@ -1,6 +1,7 @@
 """Integration tests of MqttTransport against a real Mosquitto (and amqtt)."""
 
 import asyncio
+import time
 
 import pytest
 
@@ -171,3 +172,13 @@ async def test_tcp_nodelay_is_set_on_plain_and_tls_sockets(broker: EmbeddedBroke
     for url, tls in ((broker.url, None), (broker.tls_url, pki.tls("dev-a"))):
         async with MqttTransport(mqtt_config(url, "dev-a" if tls else client_id, tls=tls)) as t:
             assert t._sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+
+
+async def test_a_paced_uplink_sends_no_faster_than_its_rate(broker: EmbeddedBroker, client_id: str) -> None:
+    """The simulated slow link that split-model benchmarks use: 5 x 100 kB at 1 MB/s take at least 0.4 s."""
+    config = mqtt_config(broker.url, client_id, uplink_bytes_per_s=1e6)
+    async with MqttTransport(config) as t:
+        start = time.monotonic()
+        for _ in range(5):
+            await t.publish("test/paced", bytes(100_000), qos=0)
+        assert time.monotonic() - start >= 0.4

@@ -50,6 +50,8 @@ class AgentConfig:
         fetch_timeout: seconds a model download may take.
         max_message_bytes: largest MQTT packet this agent sends (the broker's limit may be lower);
             a larger result becomes a ``result_too_large`` error.
+        uplink_bytes_per_s: pace what the agent sends as a link of this speed would (0: no limit);
+            for trying split models over slow links.
     """
 
     device_id: str
@@ -68,6 +70,7 @@ class AgentConfig:
     threads: int | None = None
     fetch_timeout: float = 600.0
     max_message_bytes: int = 8 * 1024 * 1024
+    uplink_bytes_per_s: float = 0.0
 
     def __post_init__(self) -> None:
         try:
@@ -128,4 +131,5 @@ class AgentConfig:
             clean_start=False,
             queue_size=max(self.queue_size, 16),
             max_packet_size=self.max_message_bytes,
+            uplink_bytes_per_s=self.uplink_bytes_per_s,
         )

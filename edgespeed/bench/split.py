@@ -14,8 +14,9 @@ batching the 8 requests in flight together moves them through one stage at a
 time and leaves the other stage idle (measured here: ratio 0.93 with batches of
 8, 1.3 with batches of 2, 1.45 with none).
 
-It also prints the planner's choice for this model at several link speeds
-(predicted from the measured segments, not measured on rate-limited links).
+It also runs both options with the agents' uplinks paced to several link
+speeds (``uplink_bytes_per_s``) and records whether the planner chose the
+faster one.
 
 Run: python -m edgespeed.bench.split [--quick] [--json PATH]
 """
@@ -36,7 +37,8 @@ from edgespeed.bench._fleet import entry, fleet, median
 from edgespeed.coordinator import Coordinator
 from edgespeed.optimize import Link, plan, profile_onnx
 
-LINKS = {"1 Mbit/s": 125e3, "10 Mbit/s": 1.25e6, "100 Mbit/s": 12.5e6, "1 Gbit/s": 125e6}
+PACED = [("20 Mbit/s", 2.5e6), ("100 Mbit/s", 12.5e6), ("1 Gbit/s", 125e6)]
+PACED_QUICK = [("100 Mbit/s", 12.5e6)]
 
 
 def conv_onnx(path: Path) -> Path:
@@ -97,19 +99,30 @@ async def run(quick: bool) -> list[dict[str, Any]]:
                 split = c.splits()["piped"]
                 report = split.report()
         segments = await asyncio.to_thread(profile_onnx, model, [x])
-    table = []
-    for label, speed in LINKS.items():
-        link = Link(bytes_per_s=speed)
-        chosen = plan(segments, {"dev-1": 1.0, "dev-2": 1.0}, link, objective="throughput", input_bytes=x.nbytes)
-        local = plan(segments, {"dev-1": 1.0}, link, objective="throughput", input_bytes=x.nbytes)
-        table.append(
-            {
-                "link": label,
-                "planner": f"{len(chosen.stages)} stage(s)",
-                "planner_rps": round(chosen.throughput, 1),
-                "all_local_rps": round(local.throughput, 1),
-            }
-        )
+        # The planner's choice against both options measured, with the agents' uplinks paced.
+        table = []
+        for label, speed in PACED_QUICK if quick else PACED:
+            link = Link(bytes_per_s=speed)
+            chosen = plan(segments, {"dev-1": 1.0, "dev-2": 1.0}, link, objective="throughput", input_bytes=x.nbytes)
+            with f.agents(["dev-1", "dev-2"], cpus=pin, max_batch=1, uplink_bytes_per_s=speed):
+                async with Coordinator(f.coordinator(max_inflight=16)) as c:
+                    await c.wait_for_devices(1, model="whole")
+                    for shard in c.splits()["piped"].shards:
+                        await c.wait_for_devices(1, model=shard)
+                    whole_rps = await _rate(c, "whole", x, 8 if quick else 16)
+                    piped_rps = await _rate(c, "piped", x, 8 if quick else 16)
+            best = "split" if piped_rps > whole_rps else "whole"
+            picked = "split" if len(chosen.stages) > 1 else "whole"
+            table.append(
+                {
+                    "link": label,
+                    "planner": f"{len(chosen.stages)} stage(s)",
+                    "planner_predicted_rps": round(chosen.throughput, 1),
+                    "measured_whole_rps": round(whole_rps, 1),
+                    "measured_split_rps": round(piped_rps, 1),
+                    "planner_right": picked == best,
+                }
+            )
     return [
         entry(
             "split",

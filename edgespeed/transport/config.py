@@ -118,6 +118,8 @@ class MqttConfig:
         max_inflight: bound of QoS 1/2 publishes awaiting acknowledgement.
         max_packet_size: our own limit on outgoing packets (the broker's, if it
             announces a smaller one, wins).
+        uplink_bytes_per_s: pace outgoing publishes to this rate, as a slow uplink would (tests and
+            benchmarks of split models over slow links); 0 for no limit.
         connect_timeout: seconds allowed for the first connection.
         publish_timeout: seconds a publish may wait for a connection and its ack.
         backoff: reconnect delays.
@@ -135,6 +137,7 @@ class MqttConfig:
     queue_size: int = 1000
     max_inflight: int = 64
     max_packet_size: int = 8 * 1024 * 1024
+    uplink_bytes_per_s: float = 0.0
     connect_timeout: float = 10.0
     publish_timeout: float = 30.0
     backoff: Backoff = field(default_factory=Backoff)

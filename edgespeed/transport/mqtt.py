@@ -106,6 +106,7 @@ class MqttTransport(Transport):
         self._disconnected = asyncio.Event()
         self._connack: asyncio.Future[None] | None = None
         self._pending_pub: dict[int, tuple[asyncio.Future[None], str]] = {}
+        self._uplink_free = 0.0  # when a paced uplink is free again (config.uplink_bytes_per_s)
         self._pending_sub: dict[int, asyncio.Future[list[Any]]] = {}
         self._inflight = asyncio.Semaphore(config.max_inflight)
         self._subscriptions: dict[str, int] = {}
@@ -515,6 +516,11 @@ class MqttTransport(Transport):
                 f"{self.config.max_inflight} publishes awaited acknowledgement for {timeout}s"
             ) from None
         try:
+            if self.config.uplink_bytes_per_s:
+                # A simulated slow uplink: each publish occupies it for its size over the rate.
+                now = time.monotonic()
+                self._uplink_free = max(self._uplink_free, now) + size / self.config.uplink_bytes_per_s
+                await asyncio.sleep(self._uplink_free - now)
             await self._wait_connected(max(deadline - time.monotonic(), 0.0))
             assert self._client is not None and self._loop is not None
             info = self._client.publish(topic, payload, qos, retain)
