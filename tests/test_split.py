@@ -182,3 +182,23 @@ async def test_kill_9_of_a_middle_stage_during_a_stream(
         for proc in procs.values():
             proc.kill()
             proc.wait()
+
+
+def test_n_stages_are_cut_where_the_slowest_stage_is_fastest() -> None:
+    from edgespeed.coordinator.splits import choose_cuts
+
+    # A cheap first layer, six equal heavy ones, a cheap head: 2 stages cut after the third heavy one.
+    times = [0.1, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.05]
+    segments = [Segment(f"t{i - 1}" if i else "", f"t{i}" if i < 7 else "", t, 100) for i, t in enumerate(times)]
+    cuts, chosen = choose_cuts(
+        segments, "2", ["gw-1", "gw-2"], link=Link(), objective="throughput", codec="", input_bytes=1
+    )
+    assert cuts == ["t3"] and len(chosen.stages) == 2
+    cuts, _ = choose_cuts(
+        segments, "t1,t5", ["gw-1", "gw-2"], link=Link(), objective="latency", codec="", input_bytes=1
+    )
+    assert cuts == ["t1", "t5"]
+    with pytest.raises(ConfigError, match="cannot cut"):
+        choose_cuts(segments, "t9", ["gw-1"], link=Link(), objective="latency", codec="", input_bytes=1)
+    with pytest.raises(ConfigError, match="codec"):
+        choose_cuts(segments, "2", ["gw-1"], link=Link(), objective="latency", codec="gzip", input_bytes=1)

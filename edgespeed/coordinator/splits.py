@@ -115,16 +115,7 @@ def choose_cuts(
         stages = int(spec)
         if not 1 <= stages <= len(segments):
             raise ConfigError(f"--split {stages}: the model has {len(segments)} pieces")
-        total = sum(s.seconds for s in segments)
-        cuts: list[str] = []
-        done = 0.0
-        for s in segments[:-1]:
-            done += s.seconds
-            if len(cuts) < stages - 1 and done >= total * (len(cuts) + 1) / stages:
-                cuts.append(s.end)
-        while len(cuts) < stages - 1:  # timings too uneven to fill: take the last free boundaries
-            cuts.append(next(e for e in reversed(ends) if e not in cuts))
-        cuts.sort(key=ends.index)
+        cuts = [ends[i - 1] for i in _balanced(segments, stages)]
     else:
         cuts = [c.strip() for c in spec.split(",") if c.strip()]
         unknown = [c for c in cuts if c not in ends]
@@ -133,6 +124,30 @@ def choose_cuts(
     bounds = [ends.index(c) + 1 for c in cuts]
     fixed = _plan_for(segments, bounds, speeds, link, objective, input_bytes, ratio)
     return cuts, fixed
+
+
+def _balanced(segments: Sequence[Segment], stages: int) -> list[int]:
+    """Boundaries (segment indexes where stages 2.. start) that make the slowest stage as fast as possible."""
+    n = len(segments)
+    prefix = [0.0]
+    for segment in segments:
+        prefix.append(prefix[-1] + segment.seconds)
+    # best[k][i]: the smallest possible slowest stage when the first i segments form k stages.
+    inf = float("inf")
+    best = [[inf] * (n + 1) for _ in range(stages + 1)]
+    cut = [[0] * (n + 1) for _ in range(stages + 1)]
+    best[0][0] = 0.0
+    for k in range(1, stages + 1):
+        for i in range(k, n + 1):
+            for j in range(k - 1, i):
+                slowest = max(best[k - 1][j], prefix[i] - prefix[j])
+                if slowest < best[k][i]:
+                    best[k][i], cut[k][i] = slowest, j
+    bounds, i = [], n
+    for k in range(stages, 0, -1):
+        i = cut[k][i]
+        bounds.append(i)
+    return sorted(b for b in bounds if b > 0)
 
 
 def _plan_for(
