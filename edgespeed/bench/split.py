@@ -133,8 +133,8 @@ async def run(quick: bool) -> list[dict[str, Any]]:
             higher_is_better=True,
             stages=len(split.shards),
             cut_at=split.cuts,
-            planner_predicted_ms=report.get("predicted_ms"),
-            measured_p50_ms=report.get("measured_p50_ms"),
+            planner=report,
+            planner_throughput_error=round((median(ours) - split.predicted_rps) / median(ours), 3),
             planner_by_link=table,
             pinned=bool(pin),
         )

@@ -713,6 +713,7 @@ class Coordinator:
             segments=[[g.start, g.end, g.seconds, g.out_bytes] for g in segments],
             link=[link.bytes_per_s, link.rtt_s],
             input_bytes=input_bytes,
+            predicted_rps=chosen_plan.throughput,
         )
         await asyncio.to_thread(split.save, folder)
         self._splits[name] = split
@@ -980,7 +981,7 @@ class Coordinator:
             self.stats["completed"] += 1
             submitted = self._submitted.pop(result.task_id, None)
             if submitted is not None and submitted[0] in self._splits:
-                self._splits[submitted[0]].measured.append(time.perf_counter() - submitted[1])
+                self._splits[submitted[0]].record(time.perf_counter() - submitted[1])
             self._finish(result.task_id, result.outputs)
         else:
             self.stats["duplicates"] += 1  # a late or repeated answer: the first one won
