@@ -137,3 +137,15 @@ def mqtt_config(url: str, client_id: str, **kw: object) -> MqttConfig:
     kw.setdefault("connect_timeout", 5.0)
     kw.setdefault("publish_timeout", 10.0)
     return MqttConfig(url, client_id, **kw)  # type: ignore[arg-type]
+
+
+PG_DSN = "host=127.0.0.1 dbname=test user=postgres"
+
+
+def postgres_or_skip() -> None:
+    """Skip, with the reason, where this machine has no PostgreSQL (the ledger's shared engine)."""
+    psycopg = pytest.importorskip("psycopg", reason="psycopg is needed: pip install 'edgespeed[postgres]'")
+    try:
+        psycopg.connect(PG_DSN, connect_timeout=3).close()
+    except psycopg.OperationalError as exc:
+        pytest.skip(f"no PostgreSQL at 127.0.0.1:5432 ({exc})")

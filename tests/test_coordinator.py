@@ -20,13 +20,12 @@ from edgespeed.protocol import topics
 from edgespeed.protocol.envelope import open_message
 from edgespeed.protocol.messages import CoordinatorState
 from edgespeed.transport import EmbeddedBroker, MqttTransport
-from tests.conftest import SECURE_FLEET, Pki, mqtt_config, take
+from tests.conftest import PG_DSN, SECURE_FLEET, Pki, mqtt_config, postgres_or_skip, take
 from tests.models import DigitsModel
 from tests.test_agent import agent_config
 
 pytestmark = pytest.mark.mosquitto
 FLEET = SECURE_FLEET
-PG_DSN = "host=127.0.0.1 dbname=test user=postgres"
 FIXTURES = Path(__file__).parent / "fixtures"
 
 
@@ -253,18 +252,10 @@ async def test_the_sync_facade_for_scripts(
     np.testing.assert_allclose(np.concatenate(many), digits.reference[:8], atol=1e-4)
 
 
-def _postgres_or_skip() -> None:
-    psycopg = pytest.importorskip("psycopg", reason="psycopg is needed: pip install 'edgespeed[postgres]'")
-    try:
-        psycopg.connect(PG_DSN, connect_timeout=3).close()
-    except psycopg.OperationalError as exc:
-        pytest.skip(f"no PostgreSQL at 127.0.0.1:5432 ({exc})")
-
-
 async def test_two_coordinators_share_the_fleet_through_postgres_and_a_shared_subscription(
     secure_broker: EmbeddedBroker, pki: Pki, fleet: tuple[Device, Device], digits: DigitsModel, tmp_path: Path
 ) -> None:
-    _postgres_or_skip()
+    postgres_or_skip()
     prefix = f"t_{uuid.uuid4().hex[:10]}"
     shared = {"ledger": PG_DSN, "ledger_prefix": prefix, "shared_group": "coords"}
     one = coord_config(secure_broker, pki, tmp_path / "c1", **shared)

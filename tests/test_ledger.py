@@ -10,16 +10,7 @@ import pytest
 from edgespeed.coordinator import Ledger, PostgresLedger, SqliteLedger, TaskState
 from edgespeed.coordinator.ledger import now_ms
 from edgespeed.errors import ConfigError
-
-PG_DSN = "host=127.0.0.1 dbname=test user=postgres"
-
-
-def _postgres_or_skip() -> None:
-    psycopg = pytest.importorskip("psycopg", reason="psycopg is needed: pip install 'edgespeed[postgres]'")
-    try:
-        psycopg.connect(PG_DSN, connect_timeout=3).close()
-    except psycopg.OperationalError as exc:
-        pytest.skip(f"no PostgreSQL at 127.0.0.1:5432 ({exc})")
+from tests.conftest import PG_DSN, postgres_or_skip
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
@@ -27,7 +18,7 @@ def open_ledger(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Call
     """A factory: every call opens a new connection to the same ledger, as a restart or a peer would."""
     opened: list[Ledger] = []
     if request.param == "postgres":
-        _postgres_or_skip()
+        postgres_or_skip()
         prefix = f"t_{uuid.uuid4().hex[:10]}"
 
         def make() -> Ledger:

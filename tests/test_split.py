@@ -163,6 +163,10 @@ async def test_kill_9_of_a_middle_stage_during_a_stream(
     try:
         async with Coordinator(coord_config(secure_broker, pki, tmp_path / "coord", max_inflight=4)) as c:
             await c.wait_for_devices(3, timeout=60)
+            # Two stages across agent processes first, then three, one of which is killed mid-stream.
+            assert (await c.publish_model([digits.onnx], name="d2", split="2", sample=[digits.x_test[:1]])).ok
+            two = await c.map("d2", [digits.x_test[i : i + 1] for i in range(20)], concurrency=4)
+            np.testing.assert_allclose(np.concatenate(two), digits.reference[:20], atol=1e-4)
             report = await c.publish_model([digits.onnx], name="d3", split="3", sample=[digits.x_test[:1]])
             assert report.ok, report
             middle = c.splits()["d3"].preferred[1]

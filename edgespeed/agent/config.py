@@ -6,7 +6,7 @@ import dataclasses
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from edgespeed.errors import ConfigError, TopicError
 from edgespeed.protocol.topics import validate_id
@@ -26,6 +26,26 @@ def _read_toml(path: Path) -> dict[str, Any]:
         return tomllib.loads(path.read_text())
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"cannot read {path}: {exc}") from exc
+
+
+C = TypeVar("C")
+
+
+def build_config(cls: type[C], data: dict[str, Any], path: Path) -> C:
+    """A configuration dataclass from TOML data: unknown keys refused, ``*_dir`` paths made relative
+    to the file's folder, and every invalid value a `ConfigError` that names the file.
+    """
+    known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = data.keys() - known
+    if unknown:
+        raise ConfigError(f"{path}: unknown settings {sorted(unknown)}; known: {sorted(known)}")
+    for key in ("pki_dir", "state_dir"):
+        if key in data:
+            data[key] = (path.parent / data[key]).resolve()
+    try:
+        return cls(**data)
+    except TypeError as exc:
+        raise ConfigError(f"{path}: {exc}") from exc
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,19 +121,9 @@ class AgentConfig:
         if "profile" in data:
             profile_path = path.parent / str(data.pop("profile"))
             data = {**_read_toml(profile_path), **data}
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = data.keys() - known
-        if unknown:
-            raise ConfigError(f"{path}: unknown settings {sorted(unknown)}; known: {sorted(known)}")
-        for key in ("pki_dir", "state_dir"):
-            if key in data:
-                data[key] = (path.parent / data[key]).resolve()
         if "backends" in data:
             data["backends"] = tuple(data["backends"])
-        try:
-            return cls(**data)
-        except TypeError as exc:
-            raise ConfigError(f"{path}: {exc}") from exc
+        return build_config(cls, data, path)
 
     def mqtt(self, will: Will) -> MqttConfig:
         """The transport configuration: mutual TLS from ``pki_dir`` when the URL says TLS."""

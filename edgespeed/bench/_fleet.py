@@ -8,6 +8,8 @@ sides have the same topology and the same TLS cost.
 
 from __future__ import annotations
 
+import argparse
+import asyncio
 import contextlib
 import json
 import os
@@ -19,7 +21,7 @@ import subprocess
 import sys
 import tempfile
 import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -74,6 +76,23 @@ def entry(
         "meets": value is not None and meets(goal, value),
         **extra,
     }
+
+
+def emit(results: list[dict[str, Any]], json_path: Path | None) -> None:
+    """Print each result as a JSON line, and write them all to ``json_path`` if given."""
+    for result in results:
+        print(json.dumps(result))
+    if json_path is not None:
+        json_path.write_text(json.dumps(results, indent=1) + "\n")
+
+
+def bench_main(run: Callable[[bool], Coroutine[Any, Any, list[dict[str, Any]]]], doc: str | None) -> None:
+    """The command line of one benchmark module: ``[--quick] [--json PATH]``."""
+    parser = argparse.ArgumentParser(description=(doc or "").splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer rounds")
+    parser.add_argument("--json", type=Path, help="write the results here")
+    args = parser.parse_args()
+    emit(asyncio.run(run(args.quick)), args.json)
 
 
 def percentile(values: list[float], q: float) -> float:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import subprocess
 import sys
 import tempfile
@@ -19,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from edgespeed._compat import timeout
-from edgespeed.bench._fleet import entry
+from edgespeed.bench._fleet import emit, entry
 from edgespeed.protocol import topics
 from edgespeed.security import create_ca, issue_certificate
 from edgespeed.transport import EmbeddedBroker, MqttConfig, MqttTransport
@@ -70,10 +69,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    result = asyncio.run(run())
-    print(json.dumps(result))
-    if args.json:
-        args.json.write_text(json.dumps([result], indent=1) + "\n")
+    emit([asyncio.run(run())], args.json)
 
 
 if __name__ == "__main__":

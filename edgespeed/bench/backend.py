@@ -11,7 +11,6 @@ Run: python -m edgespeed.bench.backend [--calls N] [--json PATH]
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import statistics
 import tempfile
@@ -25,7 +24,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from edgespeed.bench._fleet import entry
+from edgespeed.bench._fleet import emit, entry
 from edgespeed.engine.onnx import OnnxBackend
 from edgespeed.engine.zoo import DigitsCNN
 
@@ -86,10 +85,7 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=20_000)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    result = run(args.calls)
-    print(json.dumps(result))
-    if args.json:
-        args.json.write_text(json.dumps([result], indent=1) + "\n")
+    emit([run(args.calls)], args.json)
 
 
 if __name__ == "__main__":

@@ -17,16 +17,14 @@ Run: python -m edgespeed.bench.rollout [--quick] [--json PATH]
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import json
 import shutil
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
-from edgespeed.bench._fleet import Fleet, big_onnx, entry, fleet, median
+from edgespeed.bench._fleet import Fleet, bench_main, big_onnx, entry, fleet, median
 from edgespeed.coordinator import Coordinator
 
 CHUNK = 512 * 1024
@@ -117,17 +115,5 @@ async def run(quick: bool) -> list[dict[str, Any]]:
     return [result]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--json", type=Path)
-    args = parser.parse_args()
-    results = asyncio.run(run(args.quick))
-    for result in results:
-        print(json.dumps(result))
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=1) + "\n")
-
-
 if __name__ == "__main__":
-    main()
+    bench_main(run, __doc__)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import statistics
 import sys
@@ -30,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from edgespeed._compat import timeout
-from edgespeed.bench._fleet import entry
+from edgespeed.bench._fleet import emit, entry
 from edgespeed.protocol.envelope import decode_header, open_message, pack_message
 from edgespeed.protocol.messages import Result
 from edgespeed.security import KeyDirectory, ReplayGuard, Sealer, create_ca, issue_certificate, load_identity
@@ -147,11 +146,7 @@ def main() -> None:
         url, pki, count = args.receive
         asyncio.run(receiver(url, Path(pki), int(count)))
         return
-    results = asyncio.run(run(args.rounds, args.messages))
-    for result in results:
-        print(json.dumps(result))
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=1) + "\n")
+    emit(asyncio.run(run(args.rounds, args.messages)), args.json)
 
 
 if __name__ == "__main__":

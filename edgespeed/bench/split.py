@@ -23,9 +23,7 @@ Run: python -m edgespeed.bench.split [--quick] [--json PATH]
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import json
 import os
 import time
 from pathlib import Path
@@ -33,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from edgespeed.bench._fleet import entry, fleet, median
+from edgespeed.bench._fleet import bench_main, entry, fleet, median
 from edgespeed.coordinator import Coordinator
 from edgespeed.optimize import Link, plan, profile_onnx
 
@@ -141,17 +139,5 @@ async def run(quick: bool) -> list[dict[str, Any]]:
     ]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--json", type=Path)
-    args = parser.parse_args()
-    results = asyncio.run(run(args.quick))
-    for result in results:
-        print(json.dumps(result))
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=1) + "\n")
-
-
 if __name__ == "__main__":
-    main()
+    bench_main(run, __doc__)

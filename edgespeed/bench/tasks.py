@@ -18,17 +18,14 @@ Run: python -m edgespeed.bench.tasks [--quick] [--json PATH]
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import json
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from edgespeed.bench._fleet import Fleet, entry, fleet, identity_onnx, median, percentile
+from edgespeed.bench._fleet import Fleet, bench_main, entry, fleet, identity_onnx, median, percentile
 from edgespeed.coordinator import Coordinator
 
 SWEEP = [1 << 10, 16 << 10, 64 << 10, 256 << 10, 1 << 20, 4 << 20, 16 << 20]
@@ -184,17 +181,5 @@ async def _measure(
     return [rtt, tp, tensor]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--json", type=Path)
-    args = parser.parse_args()
-    results = asyncio.run(run(args.quick))
-    for result in results:
-        print(json.dumps(result))
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=1) + "\n")
-
-
 if __name__ == "__main__":
-    main()
+    bench_main(run, __doc__)

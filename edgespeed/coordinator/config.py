@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-from edgespeed.agent.config import _read_toml
+from edgespeed.agent.config import _read_toml, build_config
 from edgespeed.errors import ConfigError, TopicError
 from edgespeed.protocol.topics import validate_id
 from edgespeed.transport.base import Will
@@ -92,18 +91,7 @@ class CoordinatorConfig:
             ConfigError: unreadable, unknown keys, or invalid values.
         """
         path = Path(path)
-        data = _read_toml(path)
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = data.keys() - known
-        if unknown:
-            raise ConfigError(f"{path}: unknown settings {sorted(unknown)}; known: {sorted(known)}")
-        for key in ("pki_dir", "state_dir"):
-            if key in data:
-                data[key] = (path.parent / data[key]).resolve()
-        try:
-            return cls(**data)
-        except TypeError as exc:
-            raise ConfigError(f"{path}: {exc}") from exc
+        return build_config(cls, _read_toml(path), path)
 
     def mqtt(self, client_id: str, *, will: Will | None, persistent: bool) -> MqttConfig:
         """The transport configuration: mutual TLS from ``pki_dir`` when the URL says TLS.
