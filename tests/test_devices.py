@@ -125,3 +125,12 @@ def test_the_agent_daemon_refuses_a_bad_configuration_in_one_line(tmp_path: Path
     )
     assert result.returncode == 1 and result.stderr.startswith("error: ")
     assert "Traceback" not in result.stderr
+
+
+def test_the_example_coordinator_config_loads() -> None:
+    from edgespeed.coordinator import CoordinatorConfig
+
+    path = ROOT / "examples" / "coordinator.toml"
+    config = CoordinatorConfig.from_toml(path)
+    assert config.fleet == "plant" and config.state_dir == (path.parent / "state").resolve()
+    assert config.policy == "least-loaded" and config.ledger == ""
