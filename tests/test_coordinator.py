@@ -324,3 +324,35 @@ async def test_a_device_cannot_abort_another_devices_download_with_a_forged_erro
         stop.set()
         assert await flooding > 10
         assert report.ok, report
+
+
+async def test_a_task_that_expires_on_a_silent_device_gives_its_slot_back(
+    secure_broker: EmbeddedBroker, pki: Pki, tmp_path: Path
+) -> None:
+    """A device that takes tasks and never answers: each expires, and the next one still gets placed."""
+    from edgespeed.protocol.envelope import pack_message
+    from edgespeed.protocol.messages import Birth, DeviceCard, Heartbeat
+
+    card = DeviceCard("dev-c", "x86_64", "linux", "0", 2, 1 << 30, ("onnx",), ("cpu",))
+    async with MqttTransport(mqtt_config(secure_broker.tls_url, "dev-c", tls=pki.tls("dev-c"))) as silent:
+        await silent.subscribe(topics.device_inbox(FLEET, "dev-c"))
+        await silent.publish(topics.birth(FLEET, "dev-c"), pack_message(Birth(card, 7), sender="dev-c"), retain=True)
+        beat = pack_message(Heartbeat(7, 0.0, 0, models=("m",)), sender="dev-c")
+
+        async def heartbeats() -> None:
+            while True:
+                await silent.publish(topics.heartbeat(FLEET, "dev-c"), beat, qos=0)
+                await asyncio.sleep(0.1)
+
+        beating = asyncio.create_task(heartbeats())
+        try:
+            async with Coordinator(coord_config(secure_broker, pki, tmp_path / "coord", max_inflight=1)) as c:
+                await c.wait_for_devices(1, model="m")
+                for _ in range(2):
+                    with pytest.raises(TaskError) as caught:
+                        await c.infer("m", np.zeros((1, 4), np.float32), deadline=0.5)
+                    assert caught.value.code == "deadline"
+                received = await take(silent, 2, timeout=5)  # the second task was placed too
+                assert len(received) == 2
+        finally:
+            beating.cancel()
