@@ -440,8 +440,14 @@ class Device:
             batch = [first]
             self._busy += 1
             try:
-                deadline = time.monotonic() + self.settings["max_wait_ms"] / 1000
-                while len(batch) < self.settings["max_batch"]:
+                limit, wait_s = self.settings["max_batch"], self.settings["max_wait_ms"] / 1000
+                if first.task.route or first.sender != self.config.coordinator:
+                    # A stage of a split model: taking every queued request at once would move them
+                    # through the pipeline together and leave the other stages idle meanwhile. Half the
+                    # queue, without waiting for more, keeps the stages busy at once.
+                    limit, wait_s = max(1, min(limit, (self._queue.qsize() + 1) // 2)), 0.0
+                deadline = time.monotonic() + wait_s
+                while len(batch) < limit:
                     try:
                         nxt = self._queue.get_nowait()
                     except asyncio.QueueEmpty:
