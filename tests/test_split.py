@@ -206,3 +206,47 @@ def test_n_stages_are_cut_where_the_slowest_stage_is_fastest() -> None:
         choose_cuts(segments, "t9", ["gw-1"], link=Link(), objective="latency", codec="", input_bytes=1)
     with pytest.raises(ConfigError, match="codec"):
         choose_cuts(segments, "2", ["gw-1"], link=Link(), objective="latency", codec="gzip", input_bytes=1)
+
+
+@pytest.mark.mosquitto
+async def test_peers_may_only_forward_split_model_stages(
+    secure_broker: EmbeddedBroker, pki: Pki, digits: DigitsModel, tmp_path: Path
+) -> None:
+    """Any fleet member can seal a task for a device; only the coordinator may have it run whole models."""
+    from edgespeed.protocol import topics
+    from edgespeed.protocol.tensor import encode_tensor
+    from edgespeed.security import KeyDirectory, Sealer
+    from edgespeed.transport import MqttTransport
+    from tests.conftest import SECURE_FLEET, mqtt_config
+
+    keys = KeyDirectory(pki.ca.cert_file)
+    keys.add_directory(pki.ca.directory)
+    rogue_sealer = Sealer("dev-c", pki.devices["dev-c"].seal_key(), keys, replay=None)
+    a = agent_config(secure_broker, pki, "dev-a", tmp_path / "a", backends=("onnx",))
+    async with (
+        Device(a) as dev_a,
+        Coordinator(coord_config(secure_broker, pki, tmp_path / "coord")) as c,
+        MqttTransport(mqtt_config(secure_broker.tls_url, "dev-c", tls=pki.tls("dev-c"))) as rogue,
+    ):
+        await c.wait_for_devices(1)
+        assert (await c.publish_model([digits.onnx], name="digits")).ok
+        assert (await c.publish_model([digits.onnx], name="d2", split="2", sample=[digits.x_test[:1]])).ok
+        x = (encode_tensor(digits.x_test[:1]),)
+        deadline = int(time.time() * 1000) + 30_000
+
+        async def send(model: str, reply_to: str) -> None:
+            task = Task(f"r-{model}-{reply_to}", 1, model, deadline, x, reply_to=reply_to)
+            await rogue.publish(topics.device_inbox(SECURE_FLEET, "dev-a"), rogue_sealer.seal(task, recipient="dev-a"))
+
+        before = dev_a.dropped
+        await send("digits", "dev-c")  # a whole model, answered to the rogue: refused
+        await send("digits", "coord")  # a whole model: refused
+        await send("d2-s1", "coord")  # a first stage: only the coordinator starts a pipeline
+        await send("d2-s2", "coord")  # the next stage of a split model: taken (its answer goes to coord)
+        for _ in range(100):
+            if dev_a.dropped - before >= 3:
+                break
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(0.3)
+        assert dev_a.dropped - before == 3
+        await c.infer("d2", digits.x_test[:1])  # real pipelines still run

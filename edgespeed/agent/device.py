@@ -85,6 +85,7 @@ class _Model:
     pre: Pipeline
     post: Pipeline
     seconds: float = 1.0  # moving average of a run; starts slow, so first runs go to a thread
+    stage: int = 0  # its place in a split model (signed in the manifest); 0 for a whole model
 
     async def run(self, inputs: list[np.ndarray[Any, Any]]) -> list[np.ndarray[Any, Any]]:
         start = time.perf_counter()
@@ -300,6 +301,14 @@ class Device:
                         queue.put_nowait(body)
             return
         if isinstance(body, Task):
+            if envelope.sender != self.config.coordinator and not self._forwarded_ok(body):
+                self.dropped += 1
+                log.warning(
+                    "refused a task for %s from %s: peers only forward split-model stages",
+                    body.model_id,
+                    envelope.sender,
+                )
+                return
             if not self._accepting:
                 await self._answer(
                     body,
@@ -314,6 +323,18 @@ class Device:
                 )
             else:
                 self._queue.put_nowait(_Job(body, envelope.sender, time.monotonic()))
+
+    def _forwarded_ok(self, task: Task) -> bool:
+        """Whether a task from a peer device is the next stage of a split model (answering the coordinator).
+
+        Any fleet member can seal a task for us; only the coordinator may have us run whole models or
+        answer elsewhere. A stage not loaded yet is let through: it gets ``model_missing`` (to the
+        coordinator), which re-places it.
+        """
+        if task.reply_to != self.config.coordinator:
+            return False
+        model = self._models.get(task.model_id)
+        return model is None or model.stage >= 2
 
     # -- remote configuration ------------------------------------------------
 
@@ -417,6 +438,7 @@ class Device:
             Pipeline.from_spec([*manifest.pipeline, *variant.get("pre", ())]),
             Pipeline.from_spec(variant.get("post", ())),
             seconds=run_ms / 1000 if run_ms else 1.0,
+            stage=int(variant.get("stage", 0)),
         )
         old = self._models.get(manifest.model_id)
         self._models[manifest.model_id] = model

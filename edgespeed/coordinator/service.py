@@ -699,7 +699,7 @@ class Coordinator:
             path = folder / f"stage{k}.onnx"
             await asyncio.to_thread(path.write_bytes, shard.SerializeToString())
             shard_version = max(self._newest(shard_id) + 1, version)
-            entries.append(await self._publish_files(shard_id, [path], shard_version, targets, chosen))
+            entries.append(await self._publish_files(shard_id, [path], shard_version, targets, chosen, stage=k))
             shard_ids.append(shard_id)
         split = SplitModel(
             name,
@@ -783,8 +783,9 @@ class Coordinator:
         chosen: Sequence[str],
         architecture: str = "",
         pipeline: Sequence[dict[str, Any]] = (),
+        stage: int = 0,
     ) -> _Model:
-        """Encrypt, store, sign and announce one model id's variants."""
+        """Encrypt, store, sign and announce one model id's variants (``stage``: its place in a split model)."""
 
         def build() -> tuple[list[BlobSource], bytes]:
             key: bytes | None = None
@@ -804,6 +805,8 @@ class Coordinator:
             variant: dict[str, Any] = {"shard": source.blob_id, "format": _FORMATS[path.suffix]}
             if path.suffix == ".safetensors":
                 variant["architecture"] = architecture
+            if stage:
+                variant["stage"] = stage  # signed: devices take this shard's tasks from the stage before
             variants.append(variant)
         manifest = ModelManifest(
             model_id,
