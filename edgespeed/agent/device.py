@@ -558,7 +558,10 @@ class Device:
                 answers.append(self._fail(job, "backend_failure", str(exc)))
                 continue
             answers.append(self._answer(task, job.sender, result))
-        await asyncio.gather(*answers)  # published together: one broker round trip, not one per task
+        if len(answers) == 1:
+            await answers[0]
+        else:
+            await asyncio.gather(*answers)  # published together: one broker round trip, not one per task
 
     async def _fail(self, job: _Job, code: str, message: str) -> None:
         await self._answer(

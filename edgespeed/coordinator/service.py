@@ -965,15 +965,18 @@ class Coordinator:
         route = self._routes.pop(result.task_id, None)
         for stage in route[1] if route else ():
             self._inflight[stage].discard(result.task_id)
-        job = asyncio.ensure_future(
-            self._db(self.ledger.complete, result.task_id, result.attempt, device, result.outputs)
-        )
-        try:
-            accepted = await asyncio.shield(job)
-        except asyncio.CancelledError:
-            # Closing while the ledger commits: account for what it committed, then stop.
-            self._account(result, await job)
-            raise
+        if self._inline_db:  # no await between the commit and the accounting: nothing to interrupt
+            accepted = self.ledger.complete(result.task_id, result.attempt, device, result.outputs)
+        else:
+            job = asyncio.ensure_future(
+                self._db(self.ledger.complete, result.task_id, result.attempt, device, result.outputs)
+            )
+            try:
+                accepted = await asyncio.shield(job)
+            except asyncio.CancelledError:
+                # Closing while the ledger commits: account for what it committed, then stop.
+                self._account(result, await job)
+                raise
         self._account(result, accepted)
         if not accepted and result.task_id in self._waiters:
             # A peer coordinator recorded it first: its outcome is in the ledger already.
