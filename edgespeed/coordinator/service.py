@@ -846,7 +846,7 @@ class Coordinator:
         """Serve a stored version's chunks and remember it."""
         for name, path in stored.shards.items():
             info = next(s for s in stored.manifest.shards if s.name == name)
-            self._server.add(BlobSource(name, path, chunk_size=info.chunk_size))
+            self._server.add(BlobSource(name, path, chunk_size=info.chunk_size, sha256=info.sha256))
         entry = self._models.get(stored.model_id)
         if entry is None or entry.manifest.version <= stored.version:
             entry = _Model(stored.manifest, stored, dict(entry.status) if entry else {})

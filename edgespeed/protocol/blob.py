@@ -39,9 +39,12 @@ class BlobSource:
         blob_id: the blob's name (a safe file name).
         data: the bytes, or the path of a file that must not change while served.
         chunk_size: the chunk size receivers should use.
+        sha256: the file's digest when already known (a stored model); else it is computed.
     """
 
-    def __init__(self, blob_id: str, data: bytes | Path, *, chunk_size: int = DEFAULT_CHUNK_SIZE) -> None:
+    def __init__(
+        self, blob_id: str, data: bytes | Path, *, chunk_size: int = DEFAULT_CHUNK_SIZE, sha256: bytes | None = None
+    ) -> None:
         validate_blob_id(blob_id)
         _check_chunk_size(chunk_size)
         self.blob_id = blob_id
@@ -56,7 +59,9 @@ class BlobSource:
         else:
             self._fd = os.open(data, os.O_RDONLY)
             self.size = os.fstat(self._fd).st_size
-            digest = _hash_fd(self._fd, self.size)
+            # A digest already known (from a signed manifest) is not computed again: receivers check
+            # every chunk and the whole against the manifest anyway.
+            digest = sha256 if sha256 is not None else _hash_fd(self._fd, self.size)
         self.info = BlobInfo(name=blob_id, size=self.size, sha256=digest, chunk_size=chunk_size)
 
     def chunk(self, request: ChunkRequest) -> Chunk:
