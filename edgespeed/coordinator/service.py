@@ -598,7 +598,6 @@ class Coordinator:
                 raise ConfigError(f"{path}: safetensors weights need --architecture (e.g. digits-cnn)")
         if split and (len(files) != 1 or files[0].suffix != ".onnx"):
             raise ConfigError("a split model is published from one .onnx file")
-        self._split_options = (link, sample)
         await asyncio.sleep(max(0.0, settle - (time.monotonic() - self._started)))
         newest = self._newest(model_id)
         version = newest + 1 if version is None else version
@@ -607,7 +606,7 @@ class Coordinator:
         chosen = [d.device_id for d in self.registry.devices(DeviceStatus.ONLINE, DeviceStatus.SUSPECT)]
         chosen = [d for d in chosen if matches(targets, self.registry.get(d))]  # type: ignore[arg-type]
         if split:
-            entries = await self._publish_split(files, model_id, version, split, codec, targets, chosen, sample)
+            entries = await self._publish_split(files, model_id, version, split, codec, targets, chosen, sample, link)
         else:
             entries = [await self._publish_files(model_id, files, version, targets, chosen, architecture, pipeline)]
         report = self._combined(model_id, version, entries, chosen)
@@ -672,9 +671,9 @@ class Coordinator:
         targets: str,
         chosen: Sequence[str],
         sample: Sequence[Array] | None,
+        link: Link | None,
     ) -> list[_Model]:
         """Profile, plan, cut, and publish each shard (to every target, so any of them can take a stage over)."""
-        link, sample = self._split_options
         if link is None:
             link = await self.measure_link()
         source = files[0]

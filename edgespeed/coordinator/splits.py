@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from edgespeed.errors import ConfigError
-from edgespeed.optimize.planner import Link, Plan, plan
+from edgespeed.optimize.planner import Link, Objective, Plan, plan
 from edgespeed.optimize.split import Segment
 from edgespeed.protocol.messages import CODECS
 
@@ -55,10 +55,18 @@ class SplitModel:
         pieces = [Segment(str(a), str(b), float(t), int(n)) for a, b, t, n in self.segments]
         ends = [p.end for p in pieces[:-1]]
         bounds = [ends.index(c) + 1 for c in self.cuts]
-        ratio = 0.25 if self.codec.startswith("int8") else 0.5 if self.codec.startswith("fp16") else 1.0
+        ratio = _codec_ratio(self.codec)
         link = Link(bytes_per_s=self.link[0], rtt_s=self.link[1])
         speeds = {d: self.speeds.get(d, 1.0) for d in devices}
-        best = _plan_for(pieces, bounds, speeds, link, self.objective, self.input_bytes, ratio)
+        best = plan(
+            pieces,
+            speeds,
+            link,
+            objective=_objective(self.objective),
+            input_bytes=self.input_bytes,
+            codec_ratio=ratio,
+            bounds=bounds,
+        )
         self.preferred = best.devices
         self.predicted_s = best.latency_s
         self.predicted_rps = best.throughput
@@ -117,10 +125,10 @@ def choose_cuts(
     if not devices:
         raise ConfigError("no device to plan a split for: start the agents first")
     speeds = {d: 1.0 for d in devices}
-    ratio = 0.25 if codec.startswith("int8") else 0.5 if codec.startswith("fp16") else 1.0
+    ratio = _codec_ratio(codec)
     ends = [s.end for s in segments[:-1]]
     if spec == "auto":
-        best = plan(segments, speeds, link, objective=objective, input_bytes=input_bytes, codec_ratio=ratio)  # type: ignore[arg-type]
+        best = plan(segments, speeds, link, objective=_objective(objective), input_bytes=input_bytes, codec_ratio=ratio)
         return best.cuts, best
     if spec.isdigit():
         stages = int(spec)
@@ -133,7 +141,15 @@ def choose_cuts(
         if unknown:
             raise ConfigError(f"cannot cut at {', '.join(unknown)}: the cuts of this model are {', '.join(ends)}")
     bounds = [ends.index(c) + 1 for c in cuts]
-    fixed = _plan_for(segments, bounds, speeds, link, objective, input_bytes, ratio)
+    fixed = plan(
+        segments,
+        speeds,
+        link,
+        objective=_objective(objective),
+        input_bytes=input_bytes,
+        codec_ratio=ratio,
+        bounds=bounds,
+    )
     return cuts, fixed
 
 
@@ -161,27 +177,12 @@ def _balanced(segments: Sequence[Segment], stages: int) -> list[int]:
     return sorted(b for b in bounds if b > 0)
 
 
-def _plan_for(
-    segments: Sequence[Segment],
-    bounds: Sequence[int],
-    speeds: dict[str, float],
-    link: Link,
-    objective: str,
-    input_bytes: int,
-    ratio: float,
-) -> Plan:
-    """The best device assignment for fixed cuts (devices may repeat when there are fewer than stages)."""
-    import itertools
+def _objective(value: str) -> Objective:
+    if value not in ("latency", "throughput"):
+        raise ConfigError(f"split objective {value!r} is latency or throughput")
+    return "latency" if value == "latency" else "throughput"
 
-    from edgespeed.optimize.planner import _better, _evaluate
 
-    names = sorted(speeds)
-    best: Plan | None = None
-    stages = len(bounds) + 1
-    pool = itertools.permutations(names, stages) if len(names) >= stages else itertools.product(names, repeat=stages)
-    for chosen in pool:
-        candidate = _evaluate(segments, bounds, chosen, speeds, link, input_bytes, ratio, objective)  # type: ignore[arg-type]
-        if best is None or _better(candidate, best, objective):  # type: ignore[arg-type]
-            best = candidate
-    assert best is not None
-    return best
+def _codec_ratio(codec: str) -> float:
+    """The share of an activation's bytes a codec sends, as the planner counts it (compression not counted)."""
+    return 0.25 if codec.startswith("int8") else 0.5 if codec.startswith("fp16") else 1.0

@@ -21,12 +21,12 @@ from __future__ import annotations
 import itertools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from edgespeed.errors import ConfigError
 from edgespeed.optimize.split import Segment
 
-__all__ = ["Link", "Plan", "StagePlan", "plan"]
+__all__ = ["Link", "Objective", "Plan", "StagePlan", "plan"]
 
 Objective = Literal["latency", "throughput"]
 
@@ -117,6 +117,7 @@ def plan(
     input_bytes: int = 0,
     codec_ratio: float = 1.0,
     max_stages: int = 4,
+    bounds: Sequence[int] | None = None,
 ) -> Plan:
     """The best placement of ``segments`` on ``devices`` for ``objective``.
 
@@ -127,6 +128,8 @@ def plan(
         input_bytes: the size of one request's input.
         codec_ratio: the fraction of an activation's bytes the chosen codec sends (0.25 for int8).
         max_stages: at most this many stages.
+        bounds: cut here (segment indexes where stages 2.. start) and only choose the devices; a
+            device may then hold several stages when there are fewer devices than stages.
 
     Raises:
         ConfigError: no segments or no devices.
@@ -134,13 +137,24 @@ def plan(
     if not segments or not devices:
         raise ConfigError("planning needs at least one segment and one device")
     names = sorted(devices)
+    if bounds is not None:
+        stages = len(bounds) + 1
+        assignments: Any = (
+            itertools.permutations(names, stages) if len(names) >= stages else itertools.product(names, repeat=stages)
+        )
+        cuts: list[tuple[Sequence[int], Any]] = [(bounds, assignments)]
+    else:
+        cuts = [
+            (b, itertools.permutations(names, count))
+            for count in range(1, min(max_stages, len(segments), len(names)) + 1)
+            for b in itertools.combinations(range(1, len(segments)), count - 1)
+        ]
     best: Plan | None = None
-    for count in range(1, min(max_stages, len(segments), len(names)) + 1):
-        for bounds in itertools.combinations(range(1, len(segments)), count - 1):
-            for chosen in itertools.permutations(names, count):
-                candidate = _evaluate(segments, bounds, chosen, devices, link, input_bytes, codec_ratio, objective)
-                if best is None or _better(candidate, best, objective):
-                    best = candidate
+    for cut, assignments in cuts:
+        for chosen in assignments:
+            candidate = _evaluate(segments, cut, chosen, devices, link, input_bytes, codec_ratio, objective)
+            if best is None or _better(candidate, best, objective):
+                best = candidate
     assert best is not None
     return best
 

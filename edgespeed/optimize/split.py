@@ -11,8 +11,10 @@ torch.fx and exports each part to ONNX.
 
 from __future__ import annotations
 
+import io
 import statistics
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -167,23 +169,18 @@ def split_torch(module: Any, example: Any, parts: int) -> list[bytes]:
     calls = [n for n in traced.graph.nodes if n.op in ("call_module", "call_function", "call_method")]
     if parts < 1 or parts > len(calls):
         raise ConfigError(f"cannot cut {len(calls)} operations into {parts} parts")
-    edges = {n.name: (len(calls) * (k + 1)) // parts for k, n in enumerate(calls)}
     order = {n.name: i for i, n in enumerate(calls)}
     bounds = [len(calls) * k // parts for k in range(1, parts)]
 
     def partition(node: Any) -> int:
         return sum(order[node.name] >= b for b in bounds)
 
-    del edges
     split = split_module(traced, module, partition)
     pieces = [getattr(split, f"submod_{k}") for k in range(parts)]
     shards = []
     x = example
     for piece in pieces:
         piece.eval()
-        import io
-        import warnings
-
         buffer = io.BytesIO()
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
