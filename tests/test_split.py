@@ -11,7 +11,7 @@ import pytest
 
 from edgespeed.agent import Device
 from edgespeed.coordinator import Coordinator
-from edgespeed.errors import ConfigError
+from edgespeed.errors import ConfigError, TaskError
 from edgespeed.optimize import Link, boundaries, plan, profile_onnx, split_onnx, split_torch
 from edgespeed.optimize.split import Segment
 from edgespeed.protocol.messages import Hop, Task
@@ -120,6 +120,9 @@ async def test_split_models_run_as_pipelines_across_agents(
             assert split.report()["requests"] == 40
         whole = await c.infer("d3", x[:5])  # infer behaves the same for a split model
         np.testing.assert_allclose(whole, digits.reference[:5], atol=1e-4)
+        with pytest.raises(TaskError) as late:  # deadlines hold through a pipeline too
+            await c.infer("d3", x[:5], deadline=0.001)
+        assert late.value.code == "deadline"
 
         report = await c.publish_model([digits.onnx], name="d8", split="3", codec="int8", sample=[x[:1]])
         assert report.ok
