@@ -395,10 +395,10 @@ async def test_forwarding_full_queue_eviction_and_the_tflite_variant(
         assert dev_c.dropped == 0  # and dev-c could open it: sealed for dev-c by dev-b
 
         # A burst bigger than the queue: some tasks are refused with queue_full, none goes unanswered.
-        for i in range(10, 40):
-            await harness.send("dev-c", task(i, digits.x_test[:64]))
+        # Sent all at once, so they arrive together however fast dev-c runs each one.
+        await asyncio.gather(*(harness.send("dev-c", task(i, digits.x_test[:64])) for i in range(10, 40)))
         burst = {f"t-{i}" for i in range(10, 40)}
-        await harness.wait_for(lambda s, b: burst <= set(harness.answers("dev-c")))
+        await harness.wait_for(lambda s, b: burst <= set(harness.answers("dev-c")), timeout=10)
         codes = [getattr(harness.answers("dev-c")[f"t-{i}"], "code", "ok") for i in range(10, 40)]
         assert "queue_full" in codes and "ok" in codes and set(codes) <= {"ok", "queue_full"}
 

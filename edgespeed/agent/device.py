@@ -310,17 +310,9 @@ class Device:
                 )
                 return
             if not self._accepting:
-                await self._answer(
-                    body,
-                    envelope.sender,
-                    Error("shutting_down", "the device is shutting down", task_id=body.task_id, attempt=body.attempt),
-                )
+                self._refuse(body, envelope.sender, "shutting_down", "the device is shutting down")
             elif self._queue.full():
-                await self._answer(
-                    body,
-                    envelope.sender,
-                    Error("queue_full", "the device's task queue is full", task_id=body.task_id, attempt=body.attempt),
-                )
+                self._refuse(body, envelope.sender, "queue_full", "the device's task queue is full")
             else:
                 self._queue.put_nowait(_Job(body, envelope.sender, time.monotonic()))
 
@@ -575,13 +567,25 @@ class Device:
 
     # -- sending -------------------------------------------------------------
 
-    async def _send(self, recipient: str, message: Message) -> None:
+    def _topic(self, recipient: str) -> str:
         cfg = self.config
         if recipient == cfg.coordinator:
-            topic = topics.coordinator_inbox(cfg.fleet, cfg.device_id)
-        else:
-            topic = topics.device_inbox(cfg.fleet, recipient)
-        await self._deliver(None, recipient, topic, message)
+            return topics.coordinator_inbox(cfg.fleet, cfg.device_id)
+        return topics.device_inbox(cfg.fleet, recipient)
+
+    async def _send(self, recipient: str, message: Message) -> None:
+        await self._deliver(None, recipient, self._topic(recipient), message)
+
+    def _refuse(self, task: Task, sender: str, code: str, message: str) -> None:
+        """Answer a task the dispatcher cannot take, through the outbox.
+
+        The dispatcher must never wait for a broker acknowledgement: while a burst fills the
+        transport's incoming queue, socket reads pause, and the acknowledgement would never be read.
+        """
+        recipient = task.reply_to or sender
+        refusal = Error(code, message, task_id=task.task_id, attempt=task.attempt)
+        self._outbox.put(recipient, self._topic(recipient), refusal)
+        self._wake_outbox.set()
 
     async def _deliver(self, row: int | None, recipient: str, topic: str, message: Message) -> bool:
         """Publish an answer; one that cannot go now waits in the outbox (``row``: already there)."""
