@@ -177,3 +177,14 @@ def test_a_task_recorded_and_claimed_in_one_transaction(open_ledger: Callable[[]
     assert ledger.due() == []
     assert not ledger.complete("t-1", 1, "dev-b", [b"x"])  # attempt 1 is dev-a's
     assert ledger.complete("t-1", 1, "dev-a", [b"out"])
+
+
+def test_a_result_after_the_deadline_is_refused(open_ledger: Callable[[], Ledger]) -> None:
+    ledger = open_ledger()
+    now = now_ms()
+    ledger.add("t-1", "digits", [b"in"], now + 1000)
+    assert ledger.claim("t-1", "dev-a", lease_ms=60_000, now=now) == 1
+    assert not ledger.complete("t-1", 1, "dev-a", [b"late"], now=now + 1001)
+    assert ledger.expire(now=now + 1001) == ["t-1"]
+    record = ledger.get("t-1")
+    assert record is not None and record.state is TaskState.FAILED and record.error_code == "deadline"

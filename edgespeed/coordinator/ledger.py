@@ -219,14 +219,20 @@ class Ledger(abc.ABC):
         )
         return bool(rows)
 
-    def complete(self, task_id: str, attempt: int, device_id: str, outputs: Sequence[bytes]) -> bool:
-        """Record a result. True only for the first result of an attempt given to that device."""
+    def complete(
+        self, task_id: str, attempt: int, device_id: str, outputs: Sequence[bytes], *, now: int | None = None
+    ) -> bool:
+        """Record a result. True only for the first result, in time, of an attempt given to that device.
+
+        A result after the deadline is refused: the task fails with ``deadline`` (see `expire`).
+        """
         if not self._was_given(task_id, attempt, device_id):
             return False  # a task or attempt this device was never given
+        now = now_ms() if now is None else now
         rows = self._run(
             f"UPDATE {self._t} SET state = 'done', outputs = ?, device_id = ?, updated_ms = ? "
-            "WHERE task_id = ? AND state IN ('pending', 'dispatched') RETURNING task_id",
-            (_pack(outputs), device_id, now_ms(), task_id),
+            "WHERE task_id = ? AND state IN ('pending', 'dispatched') AND deadline_ms >= ? RETURNING task_id",
+            (_pack(outputs), device_id, now, task_id, now),
         )
         return bool(rows)
 
