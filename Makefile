@@ -10,7 +10,8 @@ DEMO_DEPS := $(VENV)/.demo-deps-installed
 
 help:
 	@echo "make demo     run the end-to-end demo (broker, coordinator, device)"
-	@echo "make test     run the whole test suite against real Mosquitto brokers"
+	@echo "make test     run every tier: tests/unit, tests/integration (real Mosquitto), tests/e2e (processes)"
+	@echo "make test-fast  the unit tier alone (no broker, no processes)"
 	@echo "make lint     ruff and mypy"
 	@echo "make bench    the benchmark suite against bare paho and onnxruntime (results in bench/results/)"
 	@echo "make vectors  regenerate firmware_bridge/vectors from the reference codecs"
@@ -57,8 +58,9 @@ test: $(DEPS) mosquitto lint
 test-fuzz: $(DEPS)
 	HYPOTHESIS_PROFILE=long $(BIN)/python -m pytest -q -m fuzz
 
+# The unit tier: no broker, no processes; well under a minute.
 test-fast: $(DEPS)
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q tests/unit
 
 lint: $(DEPS)
 	$(BIN)/ruff check edgespeed tests examples

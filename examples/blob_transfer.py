@@ -9,7 +9,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from edgespeed.protocol import BlobServer, BlobSource, fetch_blob
+from edgespeed.protocol import BlobSource
+from edgespeed.transfer import BlobServer, fetch_blob
 from edgespeed.transport import EmbeddedBroker, MqttConfig, MqttTransport
 
 

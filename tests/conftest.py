@@ -149,3 +149,14 @@ def postgres_or_skip() -> None:
         psycopg.connect(PG_DSN, connect_timeout=3).close()
     except psycopg.OperationalError as exc:
         pytest.skip(f"no PostgreSQL at 127.0.0.1:5432 ({exc})")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tiers by folder: ``tests/unit`` needs nothing running, ``integration`` a real Mosquitto,
+    ``e2e`` processes, the CLI and the demo (marked slow)."""
+    for item in items:
+        tier = Path(str(item.fspath)).parent.name
+        if tier == "integration":
+            item.add_marker(pytest.mark.mosquitto)
+        elif tier == "e2e":
+            item.add_marker(pytest.mark.slow)

@@ -2,50 +2,16 @@
 
 from __future__ import annotations
 
-import dataclasses
-import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
 
+from edgespeed._config import build_config, read_toml
 from edgespeed.errors import ConfigError, TopicError
 from edgespeed.protocol.topics import validate_id
 from edgespeed.transport.base import Will
 from edgespeed.transport.config import MqttConfig, TlsConfig, parse_broker_url
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
-
 __all__ = ["AgentConfig"]
-
-
-def _read_toml(path: Path) -> dict[str, Any]:
-    try:
-        return tomllib.loads(path.read_text())
-    except (OSError, tomllib.TOMLDecodeError) as exc:
-        raise ConfigError(f"cannot read {path}: {exc}") from exc
-
-
-C = TypeVar("C")
-
-
-def build_config(cls: type[C], data: dict[str, Any], path: Path) -> C:
-    """A configuration dataclass from TOML data: unknown keys refused, ``*_dir`` paths made relative
-    to the file's folder, and every invalid value a `ConfigError` that names the file.
-    """
-    known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-    unknown = data.keys() - known
-    if unknown:
-        raise ConfigError(f"{path}: unknown settings {sorted(unknown)}; known: {sorted(known)}")
-    for key in ("pki_dir", "state_dir"):
-        if key in data:
-            data[key] = (path.parent / data[key]).resolve()
-    try:
-        return cls(**data)
-    except TypeError as exc:
-        raise ConfigError(f"{path}: {exc}") from exc
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,10 +83,10 @@ class AgentConfig:
             ConfigError: unreadable, unknown keys, or invalid values.
         """
         path = Path(path)
-        data = _read_toml(path)
+        data = read_toml(path)
         if "profile" in data:
             profile_path = path.parent / str(data.pop("profile"))
-            data = {**_read_toml(profile_path), **data}
+            data = {**read_toml(profile_path), **data}
         if "backends" in data:
             data["backends"] = tuple(data["backends"])
         return build_config(cls, data, path)

@@ -42,6 +42,7 @@ from edgespeed.hardware import device_card
 from edgespeed.pipeline import Pipeline
 from edgespeed.protocol import topics
 from edgespeed.protocol.envelope import open_message, pack_message
+from edgespeed.protocol.formats import BACKEND_ORDER, backends_for
 from edgespeed.protocol.messages import (
     Birth,
     Chunk,
@@ -58,19 +59,16 @@ from edgespeed.protocol.messages import (
     Task,
 )
 from edgespeed.protocol.tensor import decode_tensor, encode_tensor, encode_with_codec
-from edgespeed.protocol.transfer import fetch_from
 from edgespeed.security import KeyDirectory, ReplayGuard, Sealer, iter_decrypted, load_identity, verify_manifest
 from edgespeed.security.blobcrypt import TAG_SIZE
 from edgespeed.security.signing import verify_signed
+from edgespeed.transfer import fetch_from
 from edgespeed.transport.base import Transport, Will
 from edgespeed.transport.mqtt import MqttTransport
 
 __all__ = ["Device"]
 
 log = logging.getLogger(__name__)
-
-_FORMAT_BACKENDS = {"onnx": ("onnx",), "tflite": ("tflite",), "safetensors": ("npu", "torch")}
-_DEFAULT_ORDER = ("onnx", "tflite", "npu", "torch")
 
 
 # A model whose runs take less than this (moving average) runs on the event loop:
@@ -374,10 +372,10 @@ class Device:
     def _choose(self, manifest: ModelManifest) -> tuple[dict[str, Any], str]:
         variants = manifest.variants or tuple({"shard": s.name, "format": manifest.format} for s in manifest.shards[:1])
         here = set(available_backends())
-        order = self.config.backends or _DEFAULT_ORDER
+        order = self.config.backends or BACKEND_ORDER
         for variant in variants:
             for name in order:
-                if name in _FORMAT_BACKENDS.get(variant["format"], ()) and name in here:
+                if name in backends_for(variant["format"]) and name in here:
                     return variant, name
         formats = sorted({str(v["format"]) for v in variants})
         raise BackendError(f"no backend here runs {formats}", reason="no_backend")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from edgespeed.agent.config import _read_toml, build_config
+from edgespeed._config import build_config, read_toml
 from edgespeed.errors import ConfigError, TopicError
 from edgespeed.protocol.topics import validate_id
 from edgespeed.transport.base import Will
@@ -91,7 +91,7 @@ class CoordinatorConfig:
             ConfigError: unreadable, unknown keys, or invalid values.
         """
         path = Path(path)
-        return build_config(cls, _read_toml(path), path)
+        return build_config(cls, read_toml(path), path)
 
     def mqtt(self, client_id: str, *, will: Will | None, persistent: bool) -> MqttConfig:
         """The transport configuration: mutual TLS from ``pki_dir`` when the URL says TLS.

@@ -54,6 +54,7 @@ from edgespeed.optimize.split import Segment, _onnx, profile_onnx, split_onnx
 from edgespeed.protocol import topics
 from edgespeed.protocol.blob import DEFAULT_CHUNK_SIZE, BlobSource
 from edgespeed.protocol.envelope import open_message, pack_message
+from edgespeed.protocol.formats import SUFFIX_FORMATS, format_of
 from edgespeed.protocol.messages import (
     Birth,
     CoordinatorState,
@@ -68,10 +69,10 @@ from edgespeed.protocol.messages import (
     validate_blob_id,
 )
 from edgespeed.protocol.tensor import decode_tensor, encode_tensor
-from edgespeed.protocol.transfer import BlobServer
 from edgespeed.security import KeyDirectory, ReplayGuard, Sealer, encrypt_blob, load_identity, sign_manifest
 from edgespeed.security.blobcrypt import TAG_SIZE
 from edgespeed.security.signing import verify_manifest
+from edgespeed.transfer import BlobServer
 from edgespeed.transport.base import Message, Transport, Will
 from edgespeed.transport.mqtt import MqttTransport
 
@@ -85,7 +86,6 @@ Outputs = tuple[Array, ...]
 
 # Device errors that say "not now, not here": the task goes to another device.
 RETRYABLE = frozenset({"queue_full", "shutting_down", "model_missing"})
-_FORMATS = {".onnx": "onnx", ".tflite": "tflite", ".safetensors": "safetensors"}
 _TICK_S = 0.1
 _DEVICE_KINDS = frozenset(
     {topics.TopicKind.BIRTH, topics.TopicKind.DEATH, topics.TopicKind.HEARTBEAT, topics.TopicKind.MODEL}
@@ -248,9 +248,7 @@ class Coordinator:
         for stored in await asyncio.to_thread(self.store.latest):
             self._hold(stored)
         self._splits = await asyncio.to_thread(load_splits, self.store.root)
-        inbox = f"{topics.PREFIX}/{cfg.fleet}/coord/in/+"
-        if cfg.shared_group:
-            inbox = f"$share/{cfg.shared_group}/{inbox}"
+        inbox = topics.coordinator_inbox_filter(cfg.fleet, shared_group=cfg.shared_group)
         await self._transport.subscribe(
             inbox,
             topics.device_filter(cfg.fleet, "birth"),
@@ -590,8 +588,8 @@ class Coordinator:
             raise ConfigError("give at least one model file")
         files = [Path(p) for p in paths]
         for path in files:
-            if path.suffix not in _FORMATS:
-                raise ConfigError(f"{path}: unknown model type; use {', '.join(_FORMATS)}")
+            if format_of(path.suffix) is None:
+                raise ConfigError(f"{path}: unknown model type; use {', '.join(SUFFIX_FORMATS)}")
             if not path.is_file():
                 raise ConfigError(f"{path}: no such file")
             if path.suffix == ".safetensors" and not architecture:
@@ -725,7 +723,7 @@ class Coordinator:
         small ones give the latency of one hop between devices, the large ones its bandwidth.
         """
         assert self._transport is not None
-        topic = f"{topics.PREFIX}/{self.config.fleet}/coord/probe/{self.sealer.lane}"
+        topic = topics.coordinator_probe(self.config.fleet, self.sealer.lane)
         self._probe = asyncio.Queue(8)
         await self._transport.subscribe(topic)
         try:
@@ -801,7 +799,7 @@ class Coordinator:
         sources, key = await asyncio.to_thread(build)
         variants = []
         for path, source in zip(files, sources, strict=True):
-            variant: dict[str, Any] = {"shard": source.blob_id, "format": _FORMATS[path.suffix]}
+            variant: dict[str, Any] = {"shard": source.blob_id, "format": SUFFIX_FORMATS[path.suffix]}
             if path.suffix == ".safetensors":
                 variant["architecture"] = architecture
             if stage:

@@ -1,4 +1,6 @@
-"""The wire protocol: topics, envelope, messages, tensors and chunked blob transfer.
+"""The wire protocol: topics, envelope, messages, tensors and the chunk format: bytes only, no network.
+
+Chunked transfer over a transport (`BlobServer`, `fetch_blob`) lives in `edgespeed.transfer`.
 
 Specified in ``firmware_bridge/PROTOCOL.md`` for implementations in other languages.
 """
@@ -21,13 +23,11 @@ from edgespeed.protocol.messages import (
     Task,
 )
 from edgespeed.protocol.tensor import Compression, Encoding, decode_tensor, encode_tensor
-from edgespeed.protocol.transfer import BlobServer, fetch_blob
 
 __all__ = [
     "Birth",
     "BlobAssembler",
     "BlobInfo",
-    "BlobServer",
     "BlobSource",
     "Chunk",
     "ChunkRequest",
@@ -47,7 +47,6 @@ __all__ = [
     "decode_tensor",
     "encode_envelope",
     "encode_tensor",
-    "fetch_blob",
     "open_message",
     "pack_message",
 ]

@@ -6,7 +6,7 @@ in flight, verifies each chunk's SHA-256, writes chunks in order to
 blob's SHA-256 before renaming the file into place. A transfer broken by a
 disconnect resumes by re-asking for what is outstanding; one broken by a
 restart resumes from the partial file. Nothing here touches the network:
-`edgespeed.protocol.transfer` drives these over a `Transport`.
+`edgespeed.transfer` drives these over a `Transport`.
 """
 
 from __future__ import annotations

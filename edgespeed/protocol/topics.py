@@ -11,6 +11,7 @@ to its topics and lets a receiver tell the sender from the topic alone::
     es/1/<fleet>/dev/<device>/hb       heartbeats
     es/1/<fleet>/coord/in/<sender>     coordinator inbox, one sub-topic per sender
     es/1/<fleet>/coord/state           retained coordinator online/offline state
+    es/1/<fleet>/coord/probe/<lane>    a coordinator's link probe to itself (bytes only)
     es/1/<fleet>/bcast/<channel>       broadcast to the whole fleet
     es/1/<fleet>/bcast/models/<model>  retained signed manifest of one model
 """
@@ -31,10 +32,13 @@ __all__ = [
     "birth",
     "broadcast",
     "coordinator_inbox",
+    "coordinator_inbox_filter",
+    "coordinator_probe",
     "coordinator_state",
     "death",
     "device_filter",
     "device_inbox",
+    "fleet_root",
     "heartbeat",
     "model_filter",
     "model_manifest",
@@ -55,6 +59,7 @@ class TopicKind(enum.Enum):
     HEARTBEAT = "hb"
     COORDINATOR_INBOX = "coord-in"
     COORDINATOR_STATE = "coord-state"
+    COORDINATOR_PROBE = "coord-probe"
     BROADCAST = "bcast"
     MODEL = "model"
 
@@ -107,6 +112,25 @@ def heartbeat(fleet: str, device: str) -> str:
 def coordinator_inbox(fleet: str, sender: str) -> str:
     """Topic ``sender`` writes to reach the coordinator."""
     return f"{PREFIX}/{validate_id(fleet, 'fleet')}/coord/in/{validate_id(sender, 'sender id')}"
+
+
+def coordinator_inbox_filter(fleet: str, *, shared_group: str = "") -> str:
+    """Subscription filter for every sender's coordinator inbox; with ``shared_group``, an MQTT shared
+    subscription, so the broker splits the inboxes' traffic among the coordinators of that group."""
+    inbox = f"{PREFIX}/{validate_id(fleet, 'fleet')}/coord/in/+"
+    return f"$share/{validate_id(shared_group, 'shared group')}/{inbox}" if shared_group else inbox
+
+
+def coordinator_probe(fleet: str, lane: int) -> str:
+    """Topic a coordinator sends its link probes to itself on (``lane``: its replay lane, 0-255)."""
+    if not isinstance(lane, int) or not 0 <= lane <= 255:
+        raise TopicError(f"invalid probe lane {lane!r}: 0-255", reason="bad_id")
+    return f"{PREFIX}/{validate_id(fleet, 'fleet')}/coord/probe/{lane}"
+
+
+def fleet_root(fleet: str) -> str:
+    """The prefix of every topic of a fleet (for ACLs and bridges)."""
+    return f"{PREFIX}/{validate_id(fleet, 'fleet')}"
 
 
 def coordinator_state(fleet: str) -> str:
@@ -165,6 +189,8 @@ def parse_topic(topic: str) -> TopicName:
             return TopicName(TopicKind.COORDINATOR_INBOX, fleet, validate_id(sender, "sender id"))
         case ["coord", "state"]:
             return TopicName(TopicKind.COORDINATOR_STATE, fleet)
+        case ["coord", "probe", lane] if lane.isdigit() and int(lane) <= 255:
+            return TopicName(TopicKind.COORDINATOR_PROBE, fleet, lane)
         case ["bcast", "models", model]:
             return TopicName(TopicKind.MODEL, fleet, validate_id(model, "model id"))
         case ["bcast", channel]:

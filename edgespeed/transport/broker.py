@@ -26,6 +26,7 @@ from typing import Any, Literal
 
 from edgespeed._compat import Self, timeout
 from edgespeed.errors import BrokerError, ConfigError, MissingDependencyError
+from edgespeed.protocol import topics
 from edgespeed.protocol.topics import validate_id
 
 __all__ = [
@@ -164,8 +165,7 @@ def render_acl(fleet: str, *, coordinators: Sequence[str], auditors: Sequence[st
     bodies are sealed, so a forwarder cannot pose as anyone else).
     Coordinators read and write the whole fleet; auditors only read.
     """
-    validate_id(fleet, "fleet")
-    root = f"es/1/{fleet}"
+    root = topics.fleet_root(fleet)
     lines = [
         f"# EdgeSpeed ACL for fleet {fleet!r}. Usernames are certificate common names (%u).",
         "# Patterns apply to every client.",

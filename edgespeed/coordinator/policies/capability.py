@@ -6,10 +6,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from edgespeed.coordinator.registry import DeviceInfo
+from edgespeed.protocol.formats import backends_for
 
 __all__ = ["Requirements", "capable"]
-
-_FORMAT_BACKENDS = {"onnx": {"onnx"}, "tflite": {"tflite"}, "safetensors": {"torch", "npu"}}
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,7 +35,7 @@ def capable(devices: Iterable[DeviceInfo], need: Requirements) -> list[DeviceInf
     out = []
     for device in devices:
         backends = set(device.card.backends)
-        if need.formats and not any(backends & _FORMAT_BACKENDS.get(f, set()) for f in need.formats):
+        if need.formats and not any(backends.intersection(backends_for(f)) for f in need.formats):
             continue
         if need.backend and need.backend not in backends:
             continue

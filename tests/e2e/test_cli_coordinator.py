@@ -12,8 +12,8 @@ import pytest
 from edgespeed.agent import Device
 from edgespeed.transport import EmbeddedBroker
 from tests.conftest import SECURE_FLEET, Pki
+from tests.integration.test_agent import agent_config
 from tests.models import DigitsModel
-from tests.test_agent import agent_config
 
 pytestmark = pytest.mark.mosquitto
 

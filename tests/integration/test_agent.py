@@ -33,10 +33,10 @@ from edgespeed.protocol.messages import (
     Task,
 )
 from edgespeed.protocol.tensor import decode_tensor, encode_tensor
-from edgespeed.protocol.transfer import BlobServer
 from edgespeed.security import KeyDirectory, ReplayGuard, Sealer, encrypt_blob, sign_manifest
 from edgespeed.security.blobcrypt import TAG_SIZE
 from edgespeed.security.signing import sign_message
+from edgespeed.transfer import BlobServer
 from edgespeed.transport import EmbeddedBroker, MqttTransport
 from tests.conftest import SECURE_FLEET, Pki, mqtt_config
 from tests.models import DigitsModel
@@ -361,7 +361,7 @@ async def test_forwarding_full_queue_eviction_and_the_tflite_variant(
     from edgespeed.engine.tflite import TfliteBackend
 
     pytest.importorskip("ai_edge_litert", reason="LiteRT is an optional extra: pip install 'edgespeed[tflite]'")
-    tflite = (Path(__file__).parent / "fixtures" / "digits.tflite").read_bytes()
+    tflite = (Path(__file__).parents[1] / "fixtures" / "digits.tflite").read_bytes()
     lite_variant = {"format": "tflite", "pre": [{"op": "transpose", "axes": [0, 2, 3, 1]}]}
     # dev-c runs LiteRT with a cache too small for two models and a queue of one.
     c_cfg = agent_config(

@@ -1,8 +1,6 @@
 """The coordinator end to end: real agents, the digits CNN, Mosquitto with the production config (mTLS, ACL)."""
 
 import asyncio
-import dataclasses
-import signal
 import subprocess
 import sys
 import time
@@ -21,12 +19,12 @@ from edgespeed.protocol.envelope import open_message
 from edgespeed.protocol.messages import CoordinatorState
 from edgespeed.transport import EmbeddedBroker, MqttTransport
 from tests.conftest import PG_DSN, SECURE_FLEET, Pki, mqtt_config, postgres_or_skip, take
+from tests.integration.test_agent import agent_config
 from tests.models import DigitsModel
-from tests.test_agent import agent_config
 
 pytestmark = pytest.mark.mosquitto
 FLEET = SECURE_FLEET
-FIXTURES = Path(__file__).parent / "fixtures"
+FIXTURES = Path(__file__).parents[1] / "fixtures"
 
 
 def coord_config(broker: EmbeddedBroker, pki: Pki, state: Path, **kw: object) -> CoordinatorConfig:
@@ -148,37 +146,6 @@ async def test_a_model_no_device_can_run_fails_fast_and_bad_inputs_fail_clearly(
         assert counts["failed"] == 5 and counts["pending"] == counts["dispatched"] == 0
 
 
-async def test_kill_9_of_a_device_during_a_batch_loses_no_task(
-    secure_broker: EmbeddedBroker, pki: Pki, digits: DigitsModel, tmp_path: Path
-) -> None:
-    procs = [
-        agent_process(agent_toml(secure_broker, pki, name, tmp_path / name, '"onnx"')) for name in ("dev-a", "dev-b")
-    ]
-    try:
-        async with Coordinator(coord_config(secure_broker, pki, tmp_path / "coord", max_inflight=4)) as c:
-            report = await c.publish_model([digits.onnx], name="digits", timeout=60, settle=0)
-            if not report.ok:  # the agents may not have been born when the model went out
-                await wait_ready(c, "digits", 2)
-            await wait_ready(c, "digits", 2)
-            x = digits.x_test
-            handles = [await c.submit("digits", x[i % len(x)][None], deadline=60) for i in range(300)]
-            done = 0
-            while done < 30:
-                done = (await c.counts())["done"]
-                await asyncio.sleep(0.01)
-            procs[0].send_signal(signal.SIGKILL)  # dev-a, mid-batch
-            outputs = [await h.result() for h in handles]
-            for i, out in enumerate(outputs):
-                np.testing.assert_allclose(out[0], digits.reference[i % len(x)][None], atol=1e-4)
-            assert c.stats["redispatched"] > 0  # dev-a held tasks when it died; they went to dev-b
-            assert c.registry.get("dev-a").status.value == "lost"  # type: ignore[union-attr]
-            assert (await c.counts())["done"] == 300
-    finally:
-        for p in procs:
-            p.kill()
-            p.wait()
-
-
 async def test_a_restarted_coordinator_finishes_the_batch_and_delivers_each_result_once(
     secure_broker: EmbeddedBroker, pki: Pki, fleet: tuple[Device, Device], digits: DigitsModel, tmp_path: Path
 ) -> None:
@@ -276,21 +243,6 @@ async def test_two_coordinators_share_the_fleet_through_postgres_and_a_shared_su
         cleaner = PostgresLedger(PG_DSN, prefix=prefix)
         cleaner.drop()
         cleaner.close()
-
-
-def test_configuration_errors_are_clear(tmp_path: Path) -> None:
-    base = {"fleet": "f", "broker": "mqtt://127.0.0.1:1883", "pki_dir": tmp_path, "state_dir": tmp_path}
-    with pytest.raises(ConfigError, match="policy"):
-        CoordinatorConfig(**base, policy="fastest")  # type: ignore[arg-type]
-    with pytest.raises(ConfigError, match="shared_group"):
-        CoordinatorConfig(**base, shared_group="g")  # type: ignore[arg-type]
-    path = tmp_path / "c.toml"
-    path.write_text('fleet = "f"\nbroker = "mqtt://127.0.0.1:1883"\npki_dir = "."\nstate_dir = "s"\nspeed = 1\n')
-    with pytest.raises(ConfigError, match="speed"):
-        CoordinatorConfig.from_toml(path)
-    path.write_text('fleet = "f"\nbroker = "mqtt://127.0.0.1:1883"\npki_dir = "."\nstate_dir = "s"\n')
-    assert CoordinatorConfig.from_toml(path).state_dir == (tmp_path / "s").resolve()
-    assert dataclasses.replace(CoordinatorConfig.from_toml(path), presence=False).presence is False
 
 
 async def test_a_device_cannot_abort_another_devices_download_with_a_forged_error(

@@ -184,7 +184,7 @@ def test_npu_backend_says_what_is_missing(digits: DigitsModel) -> None:
         NpuBackend().load(digits.safetensors, DIGITS)
 
 
-FIXTURES = Path(__file__).parent / "fixtures"
+FIXTURES = Path(__file__).parents[1] / "fixtures"
 
 
 def test_tflite_agrees_with_onnx_on_the_same_weights(digits: DigitsModel, tmp_path: Path) -> None:

@@ -13,7 +13,6 @@ from edgespeed.protocol.blob import DEFAULT_CHUNK_SIZE, BlobSource
 from edgespeed.protocol.envelope import open_message, pack_message
 from edgespeed.protocol.messages import ModelManifest, Result, Task
 from edgespeed.protocol.tensor import decode_tensor, encode_tensor
-from edgespeed.protocol.transfer import BlobServer, fetch_blob
 from edgespeed.security import (
     KeyDirectory,
     ReplayGuard,
@@ -27,6 +26,7 @@ from edgespeed.security import (
     verify_manifest,
 )
 from edgespeed.security.blobcrypt import TAG_SIZE
+from edgespeed.transfer import BlobServer, fetch_blob
 from edgespeed.transport import EmbeddedBroker, Message, MqttTransport, TlsConfig
 from edgespeed.transport.broker import production_settings
 from tests.conftest import SECURE_FLEET, Pki, _need_mosquitto, mqtt_config

@@ -63,7 +63,7 @@ class BlobServer:
 
     async def run(self) -> None:
         """Subscribe to the coordinator inbox and serve until cancelled or the transport closes."""
-        inbox = f"{topics.PREFIX}/{self._fleet}/coord/in/+"
+        inbox = topics.coordinator_inbox_filter(self._fleet)
         await self._transport.subscribe(inbox)
         try:
             async for message in self._transport.messages():

@@ -13,7 +13,7 @@ PACKAGES = [
     "edgespeed.protocol.envelope",
     "edgespeed.protocol.tensor",
     "edgespeed.protocol.blob",
-    "edgespeed.protocol.transfer",
+    "edgespeed.transfer",
     "edgespeed.security",
     "edgespeed.transport",
     "edgespeed.engine",

@@ -1,0 +1,80 @@
+"""Split inference: shards that are valid models, the planner, and pipelines across agents on Mosquitto."""
+
+import asyncio
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edgespeed.coordinator import Coordinator
+from edgespeed.transport import EmbeddedBroker
+from tests.conftest import Pki
+from tests.integration.test_coordinator import agent_process, agent_toml, coord_config, wait_ready
+from tests.models import DigitsModel
+
+
+@pytest.mark.mosquitto
+async def test_kill_9_of_a_middle_stage_during_a_stream(
+    secure_broker: EmbeddedBroker, pki: Pki, digits: DigitsModel, tmp_path: Path
+) -> None:
+    names = ("dev-a", "dev-b", "dev-c")
+    procs = {n: agent_process(agent_toml(secure_broker, pki, n, tmp_path / n, '"onnx"')) for n in names}
+    try:
+        async with Coordinator(coord_config(secure_broker, pki, tmp_path / "coord", max_inflight=4)) as c:
+            await c.wait_for_devices(3, timeout=60)
+            # Two stages across agent processes first, then three, one of which is killed mid-stream.
+            assert (await c.publish_model([digits.onnx], name="d2", split="2", sample=[digits.x_test[:1]])).ok
+            two = await c.map("d2", [digits.x_test[i : i + 1] for i in range(20)], concurrency=4)
+            np.testing.assert_allclose(np.concatenate(two), digits.reference[:20], atol=1e-4)
+            report = await c.publish_model([digits.onnx], name="d3", split="3", sample=[digits.x_test[:1]])
+            assert report.ok, report
+            middle = c.splits()["d3"].preferred[1]
+            x = digits.x_test
+            handles = [await c.submit("d3", x[i % len(x)][None], deadline=60) for i in range(200)]
+            while (await c.counts())["done"] < 20:
+                await asyncio.sleep(0.01)
+            procs[middle].send_signal(signal.SIGKILL)
+            started = time.monotonic()
+            outputs = [await h.result() for h in handles]
+            for i, out in enumerate(outputs):
+                np.testing.assert_allclose(out[0], digits.reference[i % len(x)][None], atol=1e-4)
+            assert c.stats["redispatched"] > 0
+            assert time.monotonic() - started < 30
+            assert c.stats["replanned"] >= 1 and middle not in c.splits()["d3"].preferred
+    finally:
+        for proc in procs.values():
+            proc.kill()
+            proc.wait()
+
+
+async def test_kill_9_of_a_device_during_a_batch_loses_no_task(
+    secure_broker: EmbeddedBroker, pki: Pki, digits: DigitsModel, tmp_path: Path
+) -> None:
+    procs = [
+        agent_process(agent_toml(secure_broker, pki, name, tmp_path / name, '"onnx"')) for name in ("dev-a", "dev-b")
+    ]
+    try:
+        async with Coordinator(coord_config(secure_broker, pki, tmp_path / "coord", max_inflight=4)) as c:
+            report = await c.publish_model([digits.onnx], name="digits", timeout=60, settle=0)
+            if not report.ok:  # the agents may not have been born when the model went out
+                await wait_ready(c, "digits", 2)
+            await wait_ready(c, "digits", 2)
+            x = digits.x_test
+            handles = [await c.submit("digits", x[i % len(x)][None], deadline=60) for i in range(300)]
+            done = 0
+            while done < 30:
+                done = (await c.counts())["done"]
+                await asyncio.sleep(0.01)
+            procs[0].send_signal(signal.SIGKILL)  # dev-a, mid-batch
+            outputs = [await h.result() for h in handles]
+            for i, out in enumerate(outputs):
+                np.testing.assert_allclose(out[0], digits.reference[i % len(x)][None], atol=1e-4)
+            assert c.stats["redispatched"] > 0  # dev-a held tasks when it died; they went to dev-b
+            assert c.registry.get("dev-a").status.value == "lost"  # type: ignore[union-attr]
+            assert (await c.counts())["done"] == 300
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
