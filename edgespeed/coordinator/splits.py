@@ -1,4 +1,8 @@
-"""Split models as the coordinator keeps them: the shards in order, the codec, the plan and how it fared."""
+"""Split models as the coordinator keeps them: the shards in order, the codec, the plan and how it fared.
+
+A split model's description lives in the ledger (`Ledger.put_split`), so every coordinator that shares
+the ledger places its requests, and a restarted one finds it again.
+"""
 
 from __future__ import annotations
 
@@ -6,17 +10,17 @@ import itertools
 import json
 import statistics
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from edgespeed.errors import ConfigError
 from edgespeed.optimize.planner import Link, Objective, Plan, plan
-from edgespeed.optimize.split import Segment
+from edgespeed.optimize.split import Segment, profile_onnx, sample_inputs, split_onnx
 from edgespeed.protocol.messages import CODECS
 
-__all__ = ["SplitModel", "choose_cuts", "load_splits"]
+__all__ = ["SplitModel", "choose_cuts", "prepare_split"]
 
 
 @dataclass
@@ -86,22 +90,78 @@ class SplitModel:
             out["latency_error"] = round((fastest - self.predicted_s) / fastest, 3)
         return out
 
-    def save(self, folder: Path) -> None:
-        data = {k: v for k, v in asdict(self).items() if k != "measured"}
-        (folder / "split.json").write_text(json.dumps(data))
+    def fit_speeds(self, run_ms: Sequence[Mapping[str, float]], devices: Sequence[str]) -> Plan | None:
+        """Re-plan with each device's speed as it measured the shards itself (``run_ms``: per stage, device ->
+        a warm run in ms). A device's factor is the median, over the stages, of its run against this
+        machine's measurement of the same stage (the planner's unit). None if no device measured any.
+        """
+        local = self.stage_seconds()
+        speeds = {}
+        for device in devices:
+            ratios = [
+                runs[device] / 1000 / seconds
+                for runs, seconds in zip(run_ms, local, strict=True)
+                if device in runs and seconds > 0
+            ]
+            if ratios:
+                speeds[device] = statistics.median(ratios)
+        if not speeds:
+            return None
+        self.speeds = speeds
+        return self.replan(sorted(speeds))
+
+    def to_json(self) -> str:
+        return json.dumps({k: v for k, v in asdict(self).items() if k != "measured"})
+
+    @classmethod
+    def from_json(cls, text: str) -> SplitModel:
+        return cls(**json.loads(text))
 
 
-def load_splits(root: Path) -> dict[str, SplitModel]:
-    """Every split model recorded under the model store's ``root`` (the newest version of each)."""
-    found: dict[str, SplitModel] = {}
-    if not root.is_dir():
-        return found
-    for path in sorted(root.glob("*/*/split.json")):
-        data = json.loads(path.read_text())
-        split = SplitModel(**data)
-        if split.name not in found or found[split.name].version < split.version:
-            found[split.name] = split
-    return found
+def prepare_split(
+    source: Path,
+    *,
+    name: str,
+    version: int,
+    spec: str,
+    codec: str,
+    devices: Sequence[str],
+    link: Link,
+    objective: str,
+    sample: Sequence[Any] | None,
+    folder: Path,
+) -> tuple[SplitModel, list[Path]]:
+    """Profile an ONNX model, choose its cuts (see `choose_cuts`) and write each stage to ``folder``.
+
+    Blocking (profiling runs the model): call it in a thread. Returns the split and the stage files.
+    """
+    inputs = list(sample) if sample is not None else sample_inputs(source)
+    segments = profile_onnx(source, inputs)
+    input_bytes = sum(int(x.nbytes) for x in inputs)
+    cuts, chosen = choose_cuts(
+        segments, spec, devices, link=link, objective=objective, codec=codec, input_bytes=input_bytes
+    )
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for k, shard in enumerate(split_onnx(source, cuts), start=1):
+        path = folder / f"stage{k}.onnx"
+        path.write_bytes(shard.SerializeToString())
+        paths.append(path)
+    split = SplitModel(
+        name,
+        version,
+        [f"{name}-s{k}" for k in range(1, len(paths) + 1)],
+        cuts,
+        codec,
+        chosen.devices,
+        chosen.latency_s,
+        objective,
+        segments=[[g.start, g.end, g.seconds, g.out_bytes] for g in segments],
+        link=[link.bytes_per_s, link.rtt_s],
+        input_bytes=input_bytes,
+        predicted_rps=chosen.throughput,
+    )
+    return split, paths
 
 
 def choose_cuts(

@@ -24,7 +24,7 @@ import numpy as np
 
 from edgespeed.errors import ConfigError, MissingDependencyError
 
-__all__ = ["Boundary", "Segment", "boundaries", "profile_onnx", "split_onnx", "split_torch"]
+__all__ = ["Boundary", "Segment", "boundaries", "profile_onnx", "sample_inputs", "split_onnx", "split_torch"]
 
 
 def _onnx() -> Any:
@@ -149,6 +149,22 @@ def profile_onnx(model: Any, sample: Sequence[np.ndarray[Any, Any]], *, runs: in
         )
         inputs = list(outputs)
     return segments
+
+
+def sample_inputs(model: Any) -> list[np.ndarray[Any, Any]]:
+    """Zeros shaped like an ONNX model's inputs (a dynamic dimension, such as the batch, taken as 1)."""
+    onnx = _onnx()
+    if isinstance(model, str | Path):
+        model = onnx.load(str(model), load_external_data=False)
+    weights = {i.name for i in model.graph.initializer}
+    sample = []
+    for meta in model.graph.input:
+        if meta.name in weights:
+            continue
+        tensor = meta.type.tensor_type
+        shape = [d.dim_value if d.dim_value > 0 else 1 for d in tensor.shape.dim]
+        sample.append(np.zeros(shape, dtype=onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type)))
+    return sample
 
 
 def split_torch(module: Any, example: Any, parts: int) -> list[bytes]:

@@ -196,8 +196,7 @@ async def test_presence_is_retained_with_a_will(
         await c.__aenter__()
         [online] = await take(watcher, 1)
         assert open_message(online.payload)[1] == CoordinatorState(True, c.epoch)
-        assert c._transport is not None
-        await c._transport.abort()  # vanish without a goodbye: the broker publishes the will
+        await c._parts.transport.abort()  # vanish without a goodbye: the broker publishes the will
         await c.close()
         [offline] = await take(watcher, 1)
         assert open_message(offline.payload)[1] == CoordinatorState(False, c.epoch)
