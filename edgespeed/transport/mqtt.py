@@ -1,9 +1,9 @@
 """`MqttTransport`: the `Transport` over a real MQTT broker, on paho-mqtt.
 
-paho's socket is driven from the asyncio loop itself (no network thread): the
-loop calls ``loop_read``/``loop_write`` when the socket is ready and
-``loop_misc`` once a second. Only the blocking TCP connect and TLS handshake
-run in a worker thread.
+paho's socket is driven from the asyncio loop itself (no network thread, see
+`edgespeed.transport.paho_socket`): the loop calls ``loop_read``/``loop_write``
+when the socket is ready and ``loop_misc`` once a second. Only the blocking TCP
+connect and TLS handshake run in a worker thread.
 
 What this adds to paho, and why:
 
@@ -38,9 +38,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import paho.mqtt.client as paho
-from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
+from paho.mqtt.enums import MQTTErrorCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from edgespeed._compat import timeout as asyncio_timeout
@@ -56,6 +54,7 @@ from edgespeed.errors import (
 )
 from edgespeed.transport.base import Message, Transport, TransportState, validate_filter, validate_topic
 from edgespeed.transport.config import MqttConfig
+from edgespeed.transport.paho_socket import SocketDriver, make_client
 
 __all__ = ["MqttTransport"]
 
@@ -95,9 +94,7 @@ class MqttTransport(Transport):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._client: paho.Client | None = None
         self._protocol = "5"
-        self._sock: Any = None
-        self._reading = False
-        self._paused = False
+        self._driver_: SocketDriver | None = None
         self._generation = 0
         self._broker_max_packet: int | None = None
         self._queue: collections.deque[_Incoming] = collections.deque()
@@ -113,6 +110,22 @@ class MqttTransport(Transport):
         self._tasks: list[asyncio.Task[None]] = []
         self._closing = False
         self.reconnects = 0
+
+    @property
+    def _driver(self) -> SocketDriver:
+        assert self._driver_ is not None, "the transport is not open"
+        return self._driver_
+
+    @property
+    def _sock(self) -> Any:
+        return self._driver_.sock if self._driver_ is not None else None
+
+    def _close_socket(self) -> None:
+        if self._driver_ is not None:
+            self._driver_.close()
+
+    def _drop_connection(self) -> None:
+        self._driver.drop()
 
     # -- public properties -------------------------------------------------
 
@@ -137,6 +150,11 @@ class MqttTransport(Transport):
 
     async def _open(self) -> None:
         self._loop = asyncio.get_running_loop()
+        self._driver_ = SocketDriver(
+            self._loop,
+            self.config.url,
+            lambda: self._mark_disconnected(ConnectError("connection dropped", retryable=True)),
+        )
         protocols = ["5", "3.1.1"] if self.config.protocol == "auto" else [self.config.protocol]
         deadline = time.monotonic() + self.config.connect_timeout
         for i, protocol in enumerate(protocols):
@@ -220,175 +238,16 @@ class MqttTransport(Transport):
     # -- paho client and its socket ---------------------------------------
 
     def _new_client(self, protocol: str) -> None:
-        cfg = self.config
         self._protocol = protocol
-        v5 = protocol == "5"
-        client = paho.Client(
-            CallbackAPIVersion.VERSION2,
-            client_id=cfg.client_id,
-            protocol=paho.MQTTv5 if v5 else paho.MQTTv311,
-            transport=self._address.transport,
-            clean_session=None if v5 else cfg.clean_start,
-            manual_ack=True,
-            reconnect_on_failure=False,
-        )
-        client.suppress_exceptions = False
-        client.connect_timeout = cfg.connect_timeout
-        client.max_inflight_messages_set(cfg.max_inflight)
-        if self._address.transport == "websockets":
-            client.ws_set_options(path=self._address.path)
-        if cfg.tls is not None:
-            client.tls_set_context(cfg.tls.context())
-        if cfg.username is not None:
-            client.username_pw_set(cfg.username, cfg.password)
-        if cfg.will is not None:
-            client.will_set(cfg.will.topic, cfg.will.payload, cfg.will.qos, cfg.will.retain)
+        client = make_client(self.config, protocol)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
         client.on_publish = self._on_publish
         client.on_subscribe = self._on_subscribe
         client.on_unsubscribe = self._on_unsubscribe
-        client.on_socket_open = self._on_socket_open
-        client.on_socket_close = self._on_socket_close
-        client.on_socket_register_write = self._on_socket_register_write
-        client.on_socket_unregister_write = self._on_socket_unregister_write
-        properties = None
-        if v5:
-            properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-            properties.SessionExpiryInterval = cfg.session_expiry
-            properties.ReceiveMaximum = cfg.queue_size
-        client.connect_async(
-            self._address.host,
-            self._address.port,
-            keepalive=cfg.keepalive,
-            # Reconnects resume the session, so unacknowledged messages are redelivered.
-            clean_start=(paho.MQTT_CLEAN_START_FIRST_ONLY if cfg.clean_start else False)
-            if v5
-            else paho.MQTT_CLEAN_START_FIRST_ONLY,
-            properties=properties,
-        )
+        self._driver.hook(client)
         self._client = client
-
-    def _in_loop(self, fn: Any, *args: Any) -> None:
-        """Run ``fn`` on the event loop: paho calls socket hooks from the connect thread too."""
-        assert self._loop is not None
-        if self._loop_is_current():
-            fn(*args)
-        else:
-            self._loop.call_soon_threadsafe(fn, *args)
-
-    def _loop_is_current(self) -> bool:
-        try:
-            return asyncio.get_running_loop() is self._loop
-        except RuntimeError:
-            return False
-
-    def _on_socket_open(self, client: paho.Client, userdata: Any, sock: Any) -> None:
-        with contextlib.suppress(OSError, AttributeError):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self._in_loop(self._attach, sock)
-
-    def _attach(self, sock: Any) -> None:
-        self._sock = sock
-        self._reading = False
-        if not self._paused:
-            self._start_reading()
-
-    def _start_reading(self) -> None:
-        if self._sock is not None and not self._reading and self._loop is not None:
-            self._loop.add_reader(self._sock, self._on_readable)
-            self._reading = True
-            # Data may already sit in the socket or in the TLS buffer.
-            self._loop.call_soon(self._on_readable)
-
-    def _stop_reading(self) -> None:
-        if self._sock is not None and self._reading and self._loop is not None:
-            self._loop.remove_reader(self._sock)
-        self._reading = False
-
-    def _on_socket_close(self, client: paho.Client, userdata: Any, sock: Any) -> None:
-        self._in_loop(self._detach, sock)
-
-    def _detach(self, sock: Any) -> None:
-        if self._loop is not None:
-            with contextlib.suppress(Exception):
-                self._loop.remove_reader(sock)
-            with contextlib.suppress(Exception):
-                self._loop.remove_writer(sock)
-        if self._sock is sock:
-            self._sock = None
-            self._reading = False
-
-    def _on_socket_register_write(self, client: paho.Client, userdata: Any, sock: Any) -> None:
-        self._in_loop(self._add_writer, sock)
-
-    def _add_writer(self, sock: Any) -> None:
-        if self._loop is not None and self._client is not None and sock.fileno() >= 0:
-            self._loop.add_writer(sock, self._on_writable)
-
-    def _on_socket_unregister_write(self, client: paho.Client, userdata: Any, sock: Any) -> None:
-        self._in_loop(self._remove_writer, sock)
-
-    def _remove_writer(self, sock: Any) -> None:
-        if self._loop is not None:
-            with contextlib.suppress(Exception):
-                self._loop.remove_writer(sock)
-
-    def _on_readable(self) -> None:
-        client, sock = self._client, self._sock
-        if client is None or sock is None or not self._reading:
-            return
-        try:
-            client.loop_read()
-        except Exception as exc:  # paho raises e.g. ValueError on PUBACK 0x95
-            log.warning(
-                "MQTT read from %s failed (%s: %s); dropping the connection", self.config.url, type(exc).__name__, exc
-            )
-            self._drop_connection()
-            return
-        # TLS keeps decrypted bytes that the selector cannot see.
-        pending = getattr(self._sock, "pending", None)
-        if self._reading and pending is not None and pending() > 0:
-            assert self._loop is not None
-            self._loop.call_soon(self._on_readable)
-
-    def _on_writable(self) -> None:
-        client = self._client
-        if client is None:
-            return
-        try:
-            client.loop_write()
-        except Exception as exc:
-            log.warning("MQTT write to %s failed (%s); dropping the connection", self.config.url, exc)
-            self._drop_connection()
-
-    def _drop_connection(self) -> None:
-        """Treat the connection as lost: paho sees EOF on its next read and cleans up."""
-        sock = self._sock
-        if sock is not None:
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
-        client = self._client
-        if client is not None:
-            with contextlib.suppress(Exception):
-                client.loop_read()
-        if self._sock is sock and sock is not None:
-            # paho did not notice; close it ourselves and report the loss.
-            self._close_socket()
-            self._mark_disconnected(ConnectError("connection dropped", retryable=True))
-
-    def _close_socket(self) -> None:
-        sock = self._sock
-        if sock is None:
-            return
-        self._detach(sock)
-        with contextlib.suppress(OSError):
-            sock.close()
-        # paho has no public way to forget a socket closed under it; without
-        # this, its next reconnect() would close that fd number a second time.
-        if self._client is not None and self._client._sock is sock:
-            self._client._sock = None
 
     # -- connecting --------------------------------------------------------
 
@@ -478,13 +337,7 @@ class MqttTransport(Transport):
     async def _misc_loop(self) -> None:
         while True:
             await asyncio.sleep(1.0)
-            client = self._client
-            if client is not None and self._sock is not None:
-                try:
-                    client.loop_misc()
-                except Exception as exc:
-                    log.warning("MQTT keepalive failed: %s", exc)
-                    self._drop_connection()
+            self._driver.keepalive()
 
     async def _wait_connected(self, timeout: float) -> None:
         if self._connected.is_set():
@@ -623,9 +476,8 @@ class MqttTransport(Transport):
         message = Message(msg.topic, payload, msg.qos, bool(msg.retain))
         self._queue.append(_Incoming(message, msg.mid, self._generation))
         self._has_messages.set()
-        if len(self._queue) >= self.config.queue_size and not self._paused:
-            self._paused = True
-            self._stop_reading()
+        if len(self._queue) >= self.config.queue_size:
+            self._driver.pause()
             log.debug("incoming queue full (%d); pausing reads", len(self._queue))
 
     async def messages(self) -> AsyncIterator[Message]:
@@ -634,9 +486,8 @@ class MqttTransport(Transport):
             if self._queue:
                 item = self._queue.popleft()
                 self._acknowledge(item)
-                if self._paused and len(self._queue) < self.config.queue_size:
-                    self._paused = False
-                    self._start_reading()
+                if len(self._queue) < self.config.queue_size:
+                    self._driver.resume()
                 yield item.message
                 continue
             if self._state is not TransportState.OPEN:
