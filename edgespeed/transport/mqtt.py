@@ -90,7 +90,6 @@ class MqttTransport(Transport):
 
     def __init__(self, config: MqttConfig) -> None:
         self.config = config
-        self._address = config.address
         self._loop: asyncio.AbstractEventLoop | None = None
         self._client: paho.Client | None = None
         self._protocol = "5"
