@@ -6,19 +6,36 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Iterable, Sequence
-from typing import TYPE_CHECKING, Any, Literal, TypeVar
+from typing import Any, Literal, Protocol, TypeVar
 
 import numpy as np
 
+from edgespeed.coordinator.tasks import Array, Outputs, TaskHandle
 from edgespeed.errors import ConfigError, TaskError
 
-if TYPE_CHECKING:
-    from edgespeed.coordinator.service import Coordinator
-
-__all__ = ["ensemble", "gather", "map_inputs", "scatter"]
+__all__ = ["Submits", "ensemble", "gather", "map_inputs", "scatter"]
 
 T = TypeVar("T")
-Array = np.ndarray[Any, Any]
+
+
+class Submits(Protocol):
+    """What fan-out needs of a coordinator."""
+
+    async def submit(
+        self,
+        model: str,
+        inputs: Array | Sequence[Array],
+        *,
+        deadline: float | None = None,
+        device: str | None = None,
+        task_id: str | None = None,
+    ) -> TaskHandle: ...
+
+    async def infer(
+        self, model: str, inputs: Array | Sequence[Array], *, deadline: float | None = None, device: str | None = None
+    ) -> Array | Outputs: ...
+
+    def devices_for(self, model: str) -> list[str]: ...
 
 
 async def gather(aws: Sequence[Awaitable[T]], return_exceptions: bool) -> list[Any]:
@@ -32,7 +49,7 @@ async def gather(aws: Sequence[Awaitable[T]], return_exceptions: bool) -> list[A
 
 
 async def map_inputs(
-    coordinator: Coordinator,
+    coordinator: Submits,
     model: str,
     inputs: Iterable[Array | Sequence[Array]],
     *,
@@ -53,7 +70,7 @@ async def map_inputs(
 
 
 async def scatter(
-    coordinator: Coordinator, model: str, batch: Array, *, parts: int | None, deadline: float | None
+    coordinator: Submits, model: str, batch: Array, *, parts: int | None, deadline: float | None
 ) -> Array | tuple[Array, ...]:
     """`Coordinator.scatter`: ``batch`` split along its first axis across devices, outputs merged in order."""
     if parts is None:
@@ -66,7 +83,7 @@ async def scatter(
 
 
 async def ensemble(
-    coordinator: Coordinator,
+    coordinator: Submits,
     model: str,
     inputs: Array | Sequence[Array],
     *,

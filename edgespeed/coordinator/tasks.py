@@ -14,7 +14,7 @@ import asyncio
 from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -23,10 +23,7 @@ from edgespeed.coordinator.ledger import TaskRecord, TaskState
 from edgespeed.errors import TaskError
 from edgespeed.protocol.tensor import decode_tensor
 
-if TYPE_CHECKING:
-    from edgespeed.coordinator.service import Coordinator
-
-__all__ = ["LiveTask", "Outputs", "TaskHandle", "TaskTable"]
+__all__ = ["LiveTask", "Outputs", "TaskHandle", "TaskTable", "Waits", "await_outputs"]
 
 Array = np.ndarray[Any, Any]
 Outputs = tuple[Array, ...]
@@ -157,10 +154,16 @@ class TaskTable:
         return live
 
 
+class Waits(Protocol):
+    """What a handle needs of its coordinator."""
+
+    async def wait(self, task_id: str, *, timeout: float | None = None) -> Outputs: ...
+
+
 class TaskHandle:
     """A submitted task; ``await handle.result()`` for its outputs."""
 
-    def __init__(self, coordinator: Coordinator, task_id: str, model_id: str) -> None:
+    def __init__(self, coordinator: Waits, task_id: str, model_id: str) -> None:
         self._coordinator = coordinator
         self.task_id = task_id
         self.model_id = model_id
