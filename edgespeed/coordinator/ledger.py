@@ -223,8 +223,13 @@ class Ledger(abc.ABC):
         )
         return attempt
 
-    def release(self, task_id: str, attempt: int) -> bool:
-        """Make a dispatched task due again at once (its device was lost)."""
+    def release(self, task_id: str, attempt: int, device_id: str | None = None) -> bool:
+        """Make a dispatched task due again at once (its device was lost, or said "not now").
+
+        With ``device_id``, only if that attempt was given to that device: nobody else can give it back.
+        """
+        if device_id is not None and not self._was_given(task_id, attempt, device_id):
+            return False
         rows = self._run(
             f"UPDATE {self._t} SET state = 'pending', lease_until_ms = 0, updated_ms = ? "
             "WHERE task_id = ? AND attempt = ? AND state = 'dispatched' RETURNING task_id",

@@ -26,11 +26,12 @@ from edgespeed.coordinator.registry import DeviceInfo, DeviceStatus, Registry
 from edgespeed.coordinator.selector import matches
 from edgespeed.coordinator.splits import SplitModel, prepare_split
 from edgespeed.coordinator.store import ModelStore, StoredModel
-from edgespeed.errors import ConfigError
+from edgespeed.errors import ConfigError, ProtocolError
 from edgespeed.optimize.planner import Link
+from edgespeed.pipeline import Pipeline
 from edgespeed.protocol import topics
 from edgespeed.protocol.blob import DEFAULT_CHUNK_SIZE, BlobSource
-from edgespeed.protocol.envelope import pack_message
+from edgespeed.protocol.envelope import open_message, pack_message
 from edgespeed.protocol.formats import SUFFIX_FORMATS, format_of
 from edgespeed.protocol.messages import ModelManifest, ModelStatus
 from edgespeed.security import KeyDirectory, Sealer, encrypt_blob, sign_manifest
@@ -193,6 +194,7 @@ class Rollouts:
         """`Coordinator.publish_model` (documented there); ``link`` may be a coroutine function measuring it."""
         model_id = topics.validate_id(name, "model name")
         files = _check_files(paths, architecture=architecture, split=split)
+        Pipeline.from_spec(pipeline)  # a step that does not validate is refused here, never stored
         await asyncio.sleep(max(0.0, settle - (time.monotonic() - self._started)))
         newest = self.newest(model_id)
         version = newest + 1 if version is None else version
@@ -344,6 +346,7 @@ class Rollouts:
             variants=tuple(variants),
         )
         manifest = self._sign(manifest, key, chosen)
+        _check_decodes(manifest)
         await asyncio.to_thread(self.store.save, manifest, key, targets)
         stored = StoredModel(
             manifest, key, {s.blob_id: self.store.shard_path(model_id, version, s.blob_id) for s in sources}, targets
@@ -433,6 +436,14 @@ class Rollouts:
                 entry.ready.add(device)
             entry.changed.set()
         log.info("%s: %s v%d %s (%s)", device, status.model_id, status.version, status.state, detail)
+
+
+def _check_decodes(manifest: ModelManifest) -> None:
+    """What is stored and announced must be what every receiver decodes: checked before either."""
+    try:
+        open_message(pack_message(manifest, sender=manifest.signer))
+    except (ProtocolError, TypeError, ValueError) as exc:
+        raise ConfigError(f"{manifest.model_id} v{manifest.version}: the manifest does not validate: {exc}") from exc
 
 
 def _check_files(paths: Sequence[Path | str], *, architecture: str, split: str) -> list[Path]:

@@ -376,8 +376,8 @@ class Scheduler:
             if live is not None:
                 live.avoid.add(device)
                 live.why = f"{device}: {error.code}"
-            await self._db(self._ledger.release, error.task_id, error.attempt)
-            self._stats["retried"] += 1
+            if await self._db(self._ledger.release, error.task_id, error.attempt, device):
+                self._stats["retried"] += 1
         elif await self._db(self._ledger.fail, error.task_id, error.attempt, device, error.code, error.message):
             self.tasks.fail(error.task_id, error.code, f"{device}: {error.message}")
         self._wake.set()

@@ -119,8 +119,14 @@ class Coordinator:
             raise
         return self
 
+    @property
+    def _presence(self) -> bool:
+        # Only the coordinator's own session says whether the coordinator is there: a short-lived
+        # client beside it (the CLI, the demo's second client) must not say "offline" when it leaves.
+        return self.config.presence and self.primary
+
     def _will(self) -> Will | None:
-        if not self.config.presence:
+        if not self._presence:
             return None
         offline = pack_message(CoordinatorState(False, self.epoch), sender=self.config.coordinator_id)
         return Will(topics.coordinator_state(self.config.fleet), offline, retain=True)
@@ -142,7 +148,7 @@ class Coordinator:
             asyncio.create_task(o.scheduler.run(), name=f"{name}.schedule"),
         ]
         hello = pack_message(CoordinatorState(True, self.epoch), sender=cfg.coordinator_id)
-        if cfg.presence:
+        if self._presence:
             await o.transport.publish(topics.coordinator_state(cfg.fleet), hello, retain=True)
         # Devices answer with a heartbeat at once: no waiting a whole interval to learn who is alive.
         await o.transport.publish(topics.broadcast(cfg.fleet, "discover"), hello, qos=0)
@@ -160,7 +166,7 @@ class Coordinator:
             with contextlib.suppress(TimeoutError, asyncio.CancelledError):
                 async with timeout_after(5.0):
                     await asyncio.shield(o.workers[1])
-        if o.transport.connected and self.config.presence:
+        if o.transport.connected and self._presence:
             with contextlib.suppress(EdgeSpeedError):
                 offline = pack_message(CoordinatorState(False, self.epoch), sender=self.config.coordinator_id)
                 await o.transport.publish(topics.coordinator_state(self.config.fleet), offline, retain=True)

@@ -11,17 +11,20 @@ later.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from edgespeed.errors import ConfigError, SecurityError
+from edgespeed.errors import ConfigError, EdgeSpeedError, SecurityError
 from edgespeed.protocol.envelope import open_message, pack_message
 from edgespeed.protocol.messages import ModelManifest, validate_blob_id
 from edgespeed.protocol.topics import validate_id
 
 __all__ = ["ModelStore", "StoredModel"]
+
+log = logging.getLogger(__name__)
 
 _VERSION = re.compile(r"[0-9]{1,19}")
 
@@ -120,13 +123,26 @@ class ModelStore:
         return StoredModel(manifest, key_file.read_bytes(), shards, str(meta.get("targets", "all")))
 
     def latest(self) -> list[StoredModel]:
-        """The newest complete version of every stored model."""
+        """The newest complete version of every stored model.
+
+        An entry that cannot be read (damaged, written by a buggy version, a stray folder) is skipped
+        with an error in the log, never fatal: the coordinator still starts and serves the rest.
+        """
         out = []
         for folder in sorted(self.root.iterdir()):
             if not folder.is_dir():
                 continue
-            for version in reversed(self.versions(folder.name)):
-                stored = self.load(folder.name, version)
+            try:
+                versions = self.versions(folder.name)
+            except EdgeSpeedError:
+                log.error("%s: not a model folder (its name is not a model id); skipped", folder)
+                continue
+            for version in reversed(versions):
+                try:
+                    stored = self.load(folder.name, version)
+                except (EdgeSpeedError, OSError, ValueError) as exc:
+                    log.error("%s v%d in the model store cannot be served, skipped: %s", folder.name, version, exc)
+                    continue
                 if stored is not None:
                     out.append(stored)
                     break

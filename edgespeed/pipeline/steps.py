@@ -172,7 +172,11 @@ class Pipeline:
             ConfigError: unknown op, unknown or missing parameters, bad values.
         """
         steps = []
+        if isinstance(spec, str | bytes | Mapping):
+            raise ConfigError(f"a pipeline is a list of steps, not {type(spec).__name__}")
         for i, item in enumerate(spec):
+            if not isinstance(item, Mapping):
+                raise ConfigError(f"step {i}: expected a map such as {{'op': 'scale', ...}}, got {item!r:.40}")
             params = dict(item)
             op = params.pop("op", None)
             step_cls = _STEPS.get(op) if isinstance(op, str) else None
@@ -187,7 +191,7 @@ class Pipeline:
                     params[name] = tuple(value)
             try:
                 steps.append(step_cls(**params))
-            except TypeError as exc:
+            except (TypeError, ValueError) as exc:
                 raise ConfigError(f"step {i} ({op}): {exc}") from exc
         return cls(tuple(steps))
 

@@ -21,6 +21,10 @@ from edgespeed.errors import DecodeError, ProtocolError
 
 T = TypeVar("T")
 
+# Free-form values (pipeline steps, options) nest this deep at most: deeper is hostile, and unbounded
+# recursion would end in a RecursionError instead of a DecodeError.
+MAX_DEPTH = 32
+
 _Converter = Callable[[Any, str], Any]
 
 
@@ -138,9 +142,13 @@ def _float(v: Any, p: str) -> float:
     raise _fail(p, "float", v)
 
 
-def _plain_value(v: Any, p: str) -> Any:
+def _plain_value(v: Any, p: str, depth: int = 0) -> Any:
+    if depth > MAX_DEPTH:
+        raise DecodeError(f"{p}: nested deeper than {MAX_DEPTH} levels", reason="bad_body")
     if isinstance(v, list):
-        return tuple(_plain_value(x, p) for x in v)
+        return tuple(_plain_value(x, p, depth + 1) for x in v)
+    if isinstance(v, dict):
+        return {k: _plain_value(x, p, depth + 1) for k, x in v.items()}
     return v
 
 

@@ -22,7 +22,7 @@ ALLOWED: dict[str, set[str]] = {
     "pipeline": _BASE | {"protocol"},
     "hardware": _BASE | {"engine", "protocol"},
     "agent": _BASE | {"protocol", "security", "transport", "transfer", "engine", "pipeline", "hardware"},
-    "coordinator": _BASE | {"protocol", "security", "transport", "transfer", "optimize"},
+    "coordinator": _BASE | {"protocol", "security", "transport", "transfer", "optimize", "pipeline"},
 }
 
 
