@@ -43,6 +43,8 @@ class CoordinatorConfig:
         split_objective: what the split planner optimises: ``throughput`` or ``latency``.
         max_message_bytes: largest MQTT packet the coordinator sends (the broker's limit may be
             lower); a task whose inputs do not fit fails with ``input_too_large``.
+        max_result_bytes: the most one output of a result may hold once decoded; a device that
+            answers with more (or with anything the model does not declare) gets no more work.
     """
 
     fleet: str
@@ -62,6 +64,7 @@ class CoordinatorConfig:
     presence: bool = True
     max_message_bytes: int = 8 * 1024 * 1024
     split_objective: str = "throughput"
+    max_result_bytes: int = 256 * 1024 * 1024
 
     def __post_init__(self) -> None:
         try:
@@ -80,6 +83,8 @@ class CoordinatorConfig:
             raise ConfigError("heartbeat_s, lease_s and deadline_s must be positive")
         if self.max_attempts < 1 or self.max_inflight < 1 or self.max_message_bytes < 1024:
             raise ConfigError("max_attempts and max_inflight must be at least 1, max_message_bytes 1024")
+        if self.max_result_bytes < 1:
+            raise ConfigError("max_result_bytes must be at least 1")
         if self.shared_group and not self.ledger:
             raise ConfigError("shared_group needs a ledger the coordinators share (a PostgreSQL connection string)")
 

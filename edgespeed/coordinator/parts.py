@@ -7,6 +7,7 @@ import secrets
 from collections import Counter
 from dataclasses import dataclass, field
 
+from edgespeed.coordinator.answers import Answers
 from edgespeed.coordinator.config import CoordinatorConfig
 from edgespeed.coordinator.ledger import Ledger, SqliteLedger, ledger_caller, open_ledger
 from edgespeed.coordinator.linkprobe import LinkProbe
@@ -102,6 +103,16 @@ async def open_parts(
         send=send,
         connected=lambda: link.connected,
         stats=stats,
+    )
+    answers = Answers(
+        cfg,
+        registry=registry,
+        tasks=tasks,
+        rollouts=rollouts,
+        ledger=the_ledger,
+        db=db,
+        stats=stats,
+        wake=scheduler.wake,
         inline_db=isinstance(the_ledger, SqliteLedger),
     )
     probe = LinkProbe(link, fleet=cfg.fleet, lane=lane)
@@ -111,6 +122,7 @@ async def open_parts(
         sealer=sealer,
         server=server,
         scheduler=scheduler,
+        answers=answers,
         rollouts=rollouts,
         probe=probe,
         stats=stats,

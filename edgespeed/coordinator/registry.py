@@ -69,6 +69,7 @@ class Registry:
         self._lost = heartbeat_s * lost_after
         self._clock = clock
         self._devices: dict[str, DeviceInfo] = {}
+        self._quarantined: dict[str, str] = {}  # device -> why; kept across its sessions
 
     def on_birth(self, birth: Birth, *, retained: bool = False) -> DeviceInfo | None:
         """A device (re)joined; returns its entry, or None for a birth not newer than the one known.
@@ -138,5 +139,13 @@ class Registry:
         )
 
     def online(self) -> list[DeviceInfo]:
-        """Devices to place work on."""
-        return self.devices(DeviceStatus.ONLINE)
+        """Devices to place work on: online, and not quarantined."""
+        return [d for d in self.devices(DeviceStatus.ONLINE) if d.device_id not in self._quarantined]
+
+    def quarantine(self, device_id: str, reason: str) -> None:
+        """Give a device no more work (it answered with results that do not match the model)."""
+        self._quarantined.setdefault(device_id, reason)
+
+    def quarantined(self) -> dict[str, str]:
+        """Devices that get no work, and why."""
+        return dict(self._quarantined)

@@ -22,20 +22,19 @@ from typing import Any
 from edgespeed._compat import timeout as timeout_after
 from edgespeed.coordinator.config import CoordinatorConfig
 from edgespeed.coordinator.ledger import Ledger
+from edgespeed.coordinator.publishing import check_decodes, check_files, encrypt_and_describe
 from edgespeed.coordinator.registry import DeviceInfo, DeviceStatus, Registry
 from edgespeed.coordinator.selector import matches
 from edgespeed.coordinator.splits import SplitModel, prepare_split
 from edgespeed.coordinator.store import ModelStore, StoredModel
-from edgespeed.errors import ConfigError, ProtocolError
+from edgespeed.errors import ConfigError
 from edgespeed.optimize.planner import Link
 from edgespeed.pipeline import Pipeline
 from edgespeed.protocol import topics
-from edgespeed.protocol.blob import DEFAULT_CHUNK_SIZE, BlobSource
-from edgespeed.protocol.envelope import open_message, pack_message
-from edgespeed.protocol.formats import SUFFIX_FORMATS, format_of
+from edgespeed.protocol.blob import BlobSource
+from edgespeed.protocol.envelope import pack_message
 from edgespeed.protocol.messages import ModelManifest, ModelStatus
-from edgespeed.security import KeyDirectory, Sealer, encrypt_blob, sign_manifest
-from edgespeed.security.blobcrypt import TAG_SIZE
+from edgespeed.security import KeyDirectory, Sealer, sign_manifest
 from edgespeed.security.signing import verify_manifest
 from edgespeed.transfer import BlobServer
 from edgespeed.transport.base import Transport
@@ -130,10 +129,17 @@ class Rollouts:
         self._started = time.monotonic()
 
     async def load(self) -> None:
-        """Serve what the store holds, and learn the split models the ledger records."""
+        """Serve what the store holds, and learn the split models and device reports the ledger records."""
         for stored in await asyncio.to_thread(self.store.latest):
-            self._hold(stored)
+            await self._recall(self._hold(stored))
         await self.refresh_splits()
+
+    async def _recall(self, entry: ModelEntry) -> None:
+        """What devices reported on this version, as the ledger recorded it (before a restart, or to a peer)."""
+        version = entry.manifest.version
+        rows = await self._db(self._ledger.rollouts, entry.manifest.model_id, version)
+        for device, (state, detail) in rows.items():
+            entry.status.setdefault(device, (f"{state}@{version}", detail))
 
     async def refresh_splits(self) -> bool:
         """Read the split models from the ledger (another process may have published one); True if any is new."""
@@ -154,12 +160,26 @@ class Rollouts:
         return {model_id: entry.manifest for model_id, entry in sorted(self._models.items())}
 
     def runs(self, device: DeviceInfo, model_id: str) -> bool:
-        """Whether ``device`` runs ``model_id`` now: it reported it ready in this session, or its heartbeat
-        lists it (a coordinator that started after the install learns it that way)."""
-        if model_id in device.models:
-            return True
+        """Whether ``device`` may be given ``model_id``'s inputs now.
+
+        Only a signed target of the model (its key is wrapped for the device in the signed manifest) that
+        reported it ready under its own seal: in this session, or, for a coordinator that started since,
+        as the ledger recorded, while its heartbeats still list the model. A heartbeat's claim alone
+        (unsigned) never suffices.
+        """
         entry = self._models.get(model_id)
-        return entry is not None and device.device_id in entry.ready
+        if entry is None or device.device_id not in entry.manifest.keys:
+            return False
+        if device.device_id in entry.ready:
+            return True
+        state = entry.status.get(device.device_id, ("", ""))[0]
+        return model_id in device.models and state == f"ready@{entry.manifest.version}"
+
+    def outputs(self, model_id: str) -> tuple[dict[str, Any], ...]:
+        """What a model (the last stage of a split model) declares it outputs; empty if unknown."""
+        split = self.splits.get(model_id)
+        entry = self._models.get(split.shards[-1] if split is not None else model_id)
+        return entry.manifest.outputs if entry is not None else ()
 
     def devices_for(self, model_id: str) -> list[str]:
         """Online devices that run ``model_id`` now."""
@@ -193,7 +213,7 @@ class Rollouts:
     ) -> RolloutReport:
         """`Coordinator.publish_model` (documented there); ``link`` may be a coroutine function measuring it."""
         model_id = topics.validate_id(name, "model name")
-        files = _check_files(paths, architecture=architecture, split=split)
+        files = check_files(paths, architecture=architecture, split=split)
         Pipeline.from_spec(pipeline)  # a step that does not validate is refused here, never stored
         await asyncio.sleep(max(0.0, settle - (time.monotonic() - self._started)))
         newest = self.newest(model_id)
@@ -316,40 +336,14 @@ class Rollouts:
     ) -> ModelEntry:
         """Encrypt, store, sign and announce one model id's variants (``stage``: its place in a split model)."""
 
-        def build() -> tuple[list[BlobSource], bytes]:
-            key: bytes | None = None
-            sources = []
-            for i, path in enumerate(files):
-                shard = f"{model_id}-v{version}-{i}{path.suffix}"
-                ciphertext, key = encrypt_blob(path.read_bytes(), blob_id=shard, chunk_size=DEFAULT_CHUNK_SIZE, key=key)
-                stored = self.store.shard_path(model_id, version, shard)
-                stored.write_bytes(ciphertext)
-                sources.append(BlobSource(shard, stored, chunk_size=DEFAULT_CHUNK_SIZE + TAG_SIZE))
-            assert key is not None
-            return sources, key
-
-        sources, key = await asyncio.to_thread(build)
-        variants = []
-        for path, source in zip(files, sources, strict=True):
-            variant: dict[str, Any] = {"shard": source.blob_id, "format": SUFFIX_FORMATS[path.suffix]}
-            if path.suffix == ".safetensors":
-                variant["architecture"] = architecture
-            if stage:
-                variant["stage"] = stage  # signed: devices take this shard's tasks from the stage before
-            variants.append(variant)
-        manifest = ModelManifest(
-            model_id,
-            version,
-            "mixed" if len({v["format"] for v in variants}) > 1 else variants[0]["format"],
-            tuple(s.info for s in sources),
-            pipeline=tuple(pipeline),
-            variants=tuple(variants),
+        manifest, key = await asyncio.to_thread(
+            encrypt_and_describe, self.store, model_id, files, version, architecture, pipeline, stage
         )
         manifest = self._sign(manifest, key, chosen)
-        _check_decodes(manifest)
+        check_decodes(manifest)
         await asyncio.to_thread(self.store.save, manifest, key, targets)
         stored = StoredModel(
-            manifest, key, {s.blob_id: self.store.shard_path(model_id, version, s.blob_id) for s in sources}, targets
+            manifest, key, {s.name: self.store.shard_path(model_id, version, s.name) for s in manifest.shards}, targets
         )
         entry = self._hold(stored)
         await self._announce(manifest)
@@ -419,9 +413,10 @@ class Rollouts:
             return False
         stored = await asyncio.to_thread(self.store.load, manifest.model_id, manifest.version)
         if stored is not None:  # published by a CLI beside us: serve it from now on
-            self._hold(stored)
+            entry = self._hold(stored)
         else:
-            self._models[manifest.model_id] = ModelEntry(manifest, None, entry.status if entry else {})
+            entry = self._models[manifest.model_id] = ModelEntry(manifest, None, entry.status if entry else {})
+        await self._recall(entry)
         return True
 
     async def on_status(self, device: str, status: ModelStatus) -> None:
@@ -436,27 +431,3 @@ class Rollouts:
                 entry.ready.add(device)
             entry.changed.set()
         log.info("%s: %s v%d %s (%s)", device, status.model_id, status.version, status.state, detail)
-
-
-def _check_decodes(manifest: ModelManifest) -> None:
-    """What is stored and announced must be what every receiver decodes: checked before either."""
-    try:
-        open_message(pack_message(manifest, sender=manifest.signer))
-    except (ProtocolError, TypeError, ValueError) as exc:
-        raise ConfigError(f"{manifest.model_id} v{manifest.version}: the manifest does not validate: {exc}") from exc
-
-
-def _check_files(paths: Sequence[Path | str], *, architecture: str, split: str) -> list[Path]:
-    if not paths:
-        raise ConfigError("give at least one model file")
-    files = [Path(p) for p in paths]
-    for path in files:
-        if format_of(path.suffix) is None:
-            raise ConfigError(f"{path}: unknown model type; use {', '.join(SUFFIX_FORMATS)}")
-        if not path.is_file():
-            raise ConfigError(f"{path}: no such file")
-        if path.suffix == ".safetensors" and not architecture:
-            raise ConfigError(f"{path}: safetensors weights need --architecture (e.g. digits-cnn)")
-    if split and (len(files) != 1 or files[0].suffix != ".onnx"):
-        raise ConfigError("a split model is published from one .onnx file")
-    return files

@@ -1,6 +1,6 @@
 """The coordinator's one router: every incoming message goes to the subsystem that owns it.
 
-Device answers (sealed, on the coordinator inbox) go to the scheduler (results, errors), to the
+Device answers (sealed, on the coordinator inbox) go to the answers (results, errors), to the
 rollouts (model status) or to the chunk server (chunk requests); births, deaths and heartbeats to
 the registry; retained manifests to the rollouts; the link probe's echoes to the probe. A message
 that fails to open or parse is counted and logged, never fatal: the reader outlives any one message.
@@ -12,6 +12,7 @@ import asyncio
 import logging
 from collections import Counter
 
+from edgespeed.coordinator.answers import Answers
 from edgespeed.coordinator.linkprobe import LinkProbe
 from edgespeed.coordinator.registry import DeviceStatus, Registry
 from edgespeed.coordinator.rollout import Rollouts
@@ -44,6 +45,7 @@ class Router:
         sealer: Sealer,
         server: BlobServer,
         scheduler: Scheduler,
+        answers: Answers,
         rollouts: Rollouts,
         probe: LinkProbe,
         stats: Counter[str],
@@ -54,6 +56,7 @@ class Router:
         self._sealer = sealer
         self._server = server
         self._scheduler = scheduler
+        self._answers = answers
         self._rollouts = rollouts
         self._probe = probe
         self._stats = stats
@@ -85,9 +88,9 @@ class Router:
             assert name.id is not None
             _, body = self._sealer.open(message.payload, topic_sender=name.id)
             if isinstance(body, Result):
-                await self._scheduler.on_result(name.id, body)
+                await self._answers.on_result(name.id, body)
             elif isinstance(body, Error):
-                await self._scheduler.on_error(name.id, body)
+                await self._answers.on_error(name.id, body)
             elif isinstance(body, ModelStatus):
                 await self._rollouts.on_status(name.id, body)
                 self._scheduler.wake()

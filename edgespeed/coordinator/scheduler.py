@@ -19,6 +19,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from edgespeed._compat import timeout as timeout_after
+from edgespeed.coordinator.answers import batch_rows
 from edgespeed.coordinator.config import CoordinatorConfig
 from edgespeed.coordinator.ledger import Ledger, TaskRecord, TaskState
 from edgespeed.coordinator.policies import Policy, Requirements, capable
@@ -27,14 +28,12 @@ from edgespeed.coordinator.rollout import Rollouts
 from edgespeed.coordinator.splits import SplitModel
 from edgespeed.coordinator.tasks import LiveTask, TaskTable
 from edgespeed.errors import PayloadTooLargeError, TransportError
-from edgespeed.protocol.messages import Error, Hop, Result, Task
+from edgespeed.protocol.messages import Hop, Task
 
-__all__ = ["RETRYABLE", "Scheduler"]
+__all__ = ["Scheduler"]
 
 log = logging.getLogger(__name__)
 
-# Device errors that say "not now, not here": the task goes to another device.
-RETRYABLE = frozenset({"queue_full", "shutting_down", "model_missing"})
 TICK_S = 0.1
 POLL_S = 0.25  # how often the ledger is asked about tasks awaited here (a peer may end them)
 REFRESH_S = 1.0  # how often an unknown model makes us look for split models another process published
@@ -50,7 +49,6 @@ class Scheduler:
         send: seals and publishes a task to a device (raises `TransportError` or `PayloadTooLargeError`).
         connected: whether the transport is up (no round is attempted while it is down).
         db: runs a ledger call (inline for SQLite, in a thread for a server).
-        inline_db: ``db`` runs calls inline (results are then recorded with no await in between).
     """
 
     def __init__(
@@ -66,7 +64,6 @@ class Scheduler:
         send: Send,
         connected: Callable[[], bool],
         stats: Counter[str],
-        inline_db: bool = False,
     ) -> None:
         self.config = config
         self.registry = registry
@@ -78,7 +75,6 @@ class Scheduler:
         self._send_task = send
         self._connected = connected
         self._stats = stats
-        self._inline_db = inline_db
         self._lease_ms = int(config.lease_s * 1000)
         self._wake = asyncio.Event()
         self._backlog = True  # until the first round has looked at the ledger
@@ -102,6 +98,7 @@ class Scheduler:
         Returns False if the ledger knew the task already (submitting an id twice does not run it twice).
         """
         live = self.tasks.track(task_id, model)
+        live.rows = batch_rows(inputs)
         split = self.rollouts.splits.get(model)
         if split is not None:
             live.started = time.perf_counter()
@@ -188,6 +185,7 @@ class Scheduler:
     async def _place(self, record: TaskRecord) -> Awaitable[None] | None:
         task_id = record.task_id
         live = self.tasks.track(task_id, record.model_id)
+        live.rows = live.rows or batch_rows(record.inputs)
         if record.attempt >= self.config.max_attempts:
             await self.abort(task_id, "attempts_exhausted", f"{record.attempt} attempts failed {live.why}".strip())
             return None
@@ -323,64 +321,7 @@ class Scheduler:
         if await self._db(self._ledger.abort, task_id, code, message):
             self.tasks.fail(task_id, code, message)
 
-    # -- what devices say ------------------------------------------------------
-
-    async def on_result(self, device: str, result: Result) -> None:
-        live = self.tasks.get(result.task_id)
-        if live is not None:
-            self.tasks.free(result.task_id, device)
-            if live.route is not None:
-                self.tasks.free(result.task_id)  # every stage of its pipeline
-                live.route = None
-        if self._inline_db:  # no await between the commit and the accounting: nothing to interrupt
-            accepted = self._ledger.complete(result.task_id, result.attempt, device, result.outputs)
-        else:
-            job = asyncio.ensure_future(
-                self._db(self._ledger.complete, result.task_id, result.attempt, device, result.outputs)
-            )
-            try:
-                accepted = await asyncio.shield(job)
-            except asyncio.CancelledError:
-                # Closing while the ledger commits: account for what it committed, then stop.
-                self._account(result, await job)
-                raise
-        self._account(result, accepted)
-        if not accepted and live is not None and live.waiter is not None:
-            # A peer coordinator recorded it first: its outcome is in the ledger already.
-            record = await self._db(self._ledger.get, result.task_id)
-            if record is not None:
-                self.tasks.settle(record)
-        self._wake.set()
-
-    def _account(self, result: Result, accepted: bool) -> None:
-        if not accepted:
-            self._stats["duplicates"] += 1  # a late or repeated answer: the first one won
-            return
-        self._stats["completed"] += 1
-        live = self.tasks.finish(result.task_id, result.outputs)
-        if live is not None and live.started and live.model_id in self.rollouts.splits:
-            self.rollouts.splits[live.model_id].record(time.perf_counter() - live.started)
-
-    async def on_error(self, device: str, error: Error) -> None:
-        if not error.task_id:
-            log.warning("%s reported %s: %s", device, error.code, error.message)
-            return
-        live = self.tasks.get(error.task_id)
-        if live is not None and live.route is not None and device in live.route[1]:
-            self.tasks.free(error.task_id)  # the whole pipeline
-            device = live.route[1][-1]  # the attempt is recorded as the last stage's
-            live.route = None
-        else:
-            self.tasks.free(error.task_id, device)
-        if error.code in RETRYABLE:
-            if live is not None:
-                live.avoid.add(device)
-                live.why = f"{device}: {error.code}"
-            if await self._db(self._ledger.release, error.task_id, error.attempt, device):
-                self._stats["retried"] += 1
-        elif await self._db(self._ledger.fail, error.task_id, error.attempt, device, error.code, error.message):
-            self.tasks.fail(error.task_id, error.code, f"{device}: {error.message}")
-        self._wake.set()
+    # -- device loss -------------------------------------------------------------
 
     async def device_lost(self, device: str) -> None:
         """What a lost device held goes elsewhere; split models that planned on it are planned again."""

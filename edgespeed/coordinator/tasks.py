@@ -42,6 +42,7 @@ class LiveTask:
     why: str = ""  # why it still waits, for the error if its deadline passes
     route: tuple[int, tuple[str, ...]] | None = None  # a split model's attempt and its stage devices
     started: float = 0.0  # perf_counter at submission, for a split model's measured latency
+    rows: int = 0  # the request's batch (its first input's first dimension): results may have no more
 
 
 class TaskTable:

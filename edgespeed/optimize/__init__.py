@@ -1,7 +1,16 @@
 """Model tooling: splitting models into shards, and planning where each shard runs."""
 
 from edgespeed.optimize.planner import Link, Plan, StagePlan, plan
-from edgespeed.optimize.split import Boundary, Segment, boundaries, profile_onnx, sample_inputs, split_onnx, split_torch
+from edgespeed.optimize.split import (
+    Boundary,
+    Segment,
+    boundaries,
+    onnx_outputs,
+    profile_onnx,
+    sample_inputs,
+    split_onnx,
+    split_torch,
+)
 
 __all__ = [
     "Boundary",
@@ -10,6 +19,7 @@ __all__ = [
     "Segment",
     "StagePlan",
     "boundaries",
+    "onnx_outputs",
     "plan",
     "profile_onnx",
     "sample_inputs",

@@ -24,7 +24,16 @@ import numpy as np
 
 from edgespeed.errors import ConfigError, MissingDependencyError
 
-__all__ = ["Boundary", "Segment", "boundaries", "profile_onnx", "sample_inputs", "split_onnx", "split_torch"]
+__all__ = [
+    "Boundary",
+    "Segment",
+    "boundaries",
+    "onnx_outputs",
+    "profile_onnx",
+    "sample_inputs",
+    "split_onnx",
+    "split_torch",
+]
 
 
 def _onnx() -> Any:
@@ -165,6 +174,20 @@ def sample_inputs(model: Any) -> list[np.ndarray[Any, Any]]:
         shape = [d.dim_value if d.dim_value > 0 else 1 for d in tensor.shape.dim]
         sample.append(np.zeros(shape, dtype=onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type)))
     return sample
+
+
+def onnx_outputs(model: Any) -> tuple[dict[str, Any], ...]:
+    """An ONNX model's outputs as a manifest declares them: name, numpy dtype name, shape (-1: dynamic)."""
+    onnx = _onnx()
+    if isinstance(model, str | Path):
+        model = onnx.load(str(model), load_external_data=False)
+    out = []
+    for meta in model.graph.output:
+        tensor = meta.type.tensor_type
+        shape = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else -1 for d in tensor.shape.dim]
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type).name
+        out.append({"name": meta.name, "dtype": dtype, "shape": shape})
+    return tuple(out)
 
 
 def split_torch(module: Any, example: Any, parts: int) -> list[bytes]:

@@ -168,6 +168,28 @@ class BlobInfo:
         _check_digest("sha256", self.sha256)
 
 
+_OUTPUT_DTYPES = frozenset(
+    {"bool", "uint8", "int8", "uint16", "int16", "uint32", "int32", "uint64", "int64", "float16", "float32", "float64"}
+)
+
+
+def check_output_spec(spec: dict[str, Any]) -> None:
+    """Check one declared output (``name``, ``dtype``, ``shape``).
+
+    Raises:
+        DecodeError: a missing or unknown key, an unknown dtype, or a bad shape.
+    """
+    if set(spec) != {"name", "dtype", "shape"}:
+        raise DecodeError(f"a declared output has keys name, dtype and shape, not {sorted(spec)}", reason="bad_body")
+    shape = spec["shape"]
+    if not isinstance(spec["name"], str) or spec["dtype"] not in _OUTPUT_DTYPES:
+        raise DecodeError(f"bad declared output name or dtype: {spec['name']!r} {spec['dtype']!r}", reason="bad_body")
+    if not isinstance(shape, tuple | list) or len(shape) > 8:
+        raise DecodeError(f"bad declared output shape {shape!r}", reason="bad_body")
+    if not all(type(d) is int and -1 <= d < 1 << 32 for d in shape):
+        raise DecodeError(f"bad declared output shape {shape!r}", reason="bad_body")
+
+
 @dataclass(frozen=True, slots=True)
 class ModelManifest:
     """A model version: its shards, pre/post-processing steps and variants.
@@ -180,6 +202,9 @@ class ModelManifest:
     backends support. ``keys`` holds the shards' content key wrapped for each
     device that may load them (empty: shards are not encrypted). ``signer``
     and ``signature`` are set by `edgespeed.security.signing.sign_manifest`.
+    ``outputs`` declares the model's outputs, in order, each a map ``name``,
+    ``dtype`` (a numpy name such as ``float32``) and ``shape`` (``-1`` for a
+    dimension that follows the batch): a result that does not match is refused.
     """
 
     model_id: str
@@ -191,10 +216,13 @@ class ModelManifest:
     keys: dict[str, bytes] = field(default_factory=dict)
     signer: str = ""
     signature: bytes = b""
+    outputs: tuple[dict[str, Any], ...] = field(default=(), metadata={"omit_empty": True})
 
     def __post_init__(self) -> None:
         validate_blob_id(self.model_id)
         _check_range("version", self.version, 0, _U64)
+        for spec in self.outputs:
+            check_output_spec(spec)
         names = [s.name for s in self.shards]
         if len(set(names)) != len(names):
             raise DecodeError("duplicate shard names in manifest", reason="bad_body")

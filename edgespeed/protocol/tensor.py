@@ -25,6 +25,7 @@ from __future__ import annotations
 import enum
 import math
 import struct
+from collections.abc import Mapping, Sequence
 from typing import Any, cast
 
 import numpy as np
@@ -39,6 +40,8 @@ __all__ = [
     "decode_tensor",
     "encode_tensor",
     "encode_with_codec",
+    "nonconformity",
+    "tensor_header",
 ]
 
 DEFAULT_MAX_TENSOR_BYTES = 256 * 1024 * 1024
@@ -190,6 +193,57 @@ def _lz4() -> Any:
     except ImportError as exc:
         raise MissingDependencyError("lz4", "lz4") from exc
     return lz4.block
+
+
+def tensor_header(data: bytes | bytearray | memoryview) -> tuple[np.dtype[Any], tuple[int, ...]]:
+    """The dtype and shape an encoded tensor declares, read from its header alone (nothing is inflated).
+
+    Raises:
+        TensorError: truncated, bad magic or version, unknown dtype, or too many dimensions.
+    """
+    view = memoryview(data).cast("B") if not isinstance(data, bytes) else memoryview(data)
+    if len(view) < _HEAD.size:
+        raise TensorError(f"truncated tensor ({len(view)} bytes)", reason="truncated")
+    magic, version, code, _, _, ndim, _ = _HEAD.unpack_from(view, 0)
+    if magic != _MAGIC or version != _VERSION:
+        raise TensorError("not an EdgeSpeed v1 tensor", reason="bad_magic")
+    if code not in DTYPES:
+        raise TensorError(f"unknown dtype code {code}", reason="bad_dtype")
+    if ndim > MAX_NDIM or _HEAD.size + 4 * ndim > len(view):
+        raise TensorError(f"bad or truncated shape ({ndim} dimensions)", reason="bad_shape")
+    shape = tuple(_U32.unpack_from(view, _HEAD.size + 4 * i)[0] for i in range(ndim))
+    return DTYPES[code].newbyteorder("=") if DTYPES[code].byteorder != "|" else DTYPES[code], shape
+
+
+def nonconformity(
+    outputs: Sequence[bytes | bytearray | memoryview],
+    declared: Sequence[Mapping[str, Any]],
+    *,
+    rows: int,
+    max_bytes: int = DEFAULT_MAX_TENSOR_BYTES,
+) -> str | None:
+    """Why encoded ``outputs`` do not match a model's ``declared`` outputs (see `ModelManifest.outputs`),
+    or None if they do. Only headers are read: nothing is inflated.
+
+    A declared dimension of -1 follows the input: as the first dimension it may be at most ``rows``
+    (the request's batch); each output may declare at most ``max_bytes``.
+    """
+    if len(outputs) != len(declared):
+        return f"{len(outputs)} outputs where the model declares {len(declared)}"
+    for i, (data, spec) in enumerate(zip(outputs, declared, strict=True)):
+        try:
+            dtype, shape = tensor_header(data)
+        except TensorError as exc:
+            return f"output {i}: {exc}"
+        want = tuple(spec["shape"])
+        if dtype != np.dtype(spec["dtype"]) or len(shape) != len(want):
+            return f"output {i} is {dtype.name}{list(shape)}, the model declares {spec['dtype']}{list(want)}"
+        for axis, (got, expected) in enumerate(zip(shape, want, strict=True)):
+            if (expected >= 0 and got != expected) or (expected < 0 and axis == 0 and got > rows):
+                return f"output {i} has shape {list(shape)}, the model declares {list(want)} for {rows} rows"
+        if math.prod(shape) * dtype.itemsize > max_bytes:
+            return f"output {i} declares {math.prod(shape) * dtype.itemsize} bytes, over {max_bytes}"
+    return None
 
 
 def decode_tensor(

@@ -1,12 +1,12 @@
 """The task table and the scheduler, with no broker: coordinators on the in-memory transport, a SQLite
-ledger in a temporary folder, devices played by raw clients that announce themselves and read their
-inbox with real sealing."""
+ledger in a temporary folder, real (tiny) ONNX models published for real, devices played by raw clients
+that announce themselves, report models ready under their own seal and read their inbox."""
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -21,7 +21,7 @@ from edgespeed.coordinator.tasks import TaskTable
 from edgespeed.errors import TaskError
 from edgespeed.protocol import topics
 from edgespeed.protocol.envelope import pack_message
-from edgespeed.protocol.messages import Birth, DeviceCard, Heartbeat, Task
+from edgespeed.protocol.messages import Birth, DeviceCard, Heartbeat, ModelStatus, Task
 from edgespeed.security import KeyDirectory, Sealer
 from edgespeed.transport.memory import MemoryBroker, MemoryTransport
 from tests.conftest import Pki
@@ -78,6 +78,13 @@ class FakeDevice:
         self._reader = asyncio.create_task(self._read())
         return self
 
+    async def ready(self, model: str, version: int = 1) -> None:
+        """Report a model installed, sealed for the coordinator (as the agent does)."""
+        status = ModelStatus(model, version, "ready", backend="onnx")
+        await self.transport.publish(
+            topics.coordinator_inbox(FLEET, self.name), self.sealer.seal(status, recipient="coord")
+        )
+
     async def beat(self) -> None:
         beat = Heartbeat(1, load=0.0, queue_depth=0, models=self.models)
         await self.transport.publish(topics.heartbeat(FLEET, self.name), pack_message(beat, sender=self.name))
@@ -92,6 +99,33 @@ class FakeDevice:
         if self._reader is not None:
             self._reader.cancel()
         await self.transport.close()
+
+
+def tiny_onnx(path: Path) -> Path:
+    """A real one-node ONNX model: y = x + 1 over float32[N, 4]."""
+    onnx = pytest.importorskip("onnx")
+    helper = onnx.helper
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["x", "one"], ["y"])],
+        "tiny",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["n", 4])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["n", 4])],
+        [helper.make_tensor("one", onnx.TensorProto.FLOAT, [1], [1.0])],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+async def publish(c: Coordinator, tmp_path: Path, *names: str) -> None:
+    for name in names:
+        report = await c.publish_model([tiny_onnx(tmp_path / "tiny.onnx")], name=name, wait=False, settle=0)
+        assert report.version == 1
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    async with timeout(10):
+        while not condition():
+            await asyncio.sleep(0.01)
 
 
 async def online(c: Coordinator, *names: str) -> None:
@@ -146,6 +180,10 @@ async def test_a_split_published_by_another_process_is_placed_not_aborted(pki: P
         FakeDevice(broker, pki, "dev-b", ("d2-s2",)) as b,
     ):
         await online(c, "dev-a", "dev-b")
+        await publish(c, tmp_path, "d2-s1", "d2-s2")
+        await a.ready("d2-s1")
+        await b.ready("d2-s2")
+        await until(lambda: c.devices_for("d2-s1") == ["dev-a"] and c.devices_for("d2-s2") == ["dev-b"])
         # Another process (a CLI beside `coordinator run`) publishes a 2-stage split: it is in the ledger.
         split = SplitModel("d2", 1, ["d2-s1", "d2-s2"], ["h"], "fp16", ["dev-a", "dev-b"], 0.01, "latency")
         peer = SqliteLedger(tmp_path / "ledger.db")
@@ -168,16 +206,21 @@ async def test_a_pin_survives_a_restart(pki: Pki, tmp_path: Path) -> None:
     async with FakeDevice(broker, pki, "dev-a", ("digits",)) as a:
         async with coordinator(broker, pki, tmp_path) as c:
             await online(c, "dev-a")
+            await publish(c, tmp_path, "digits")
+            await a.ready("digits")
+            await until(lambda: c.devices_for("digits") == ["dev-a"])
             handle = await c.submit("digits", np.zeros((1, 4), np.float32), device="dev-b", deadline=120)
             await asyncio.sleep(0.3)  # a few rounds: dev-a runs the model but the task is not for it
             assert a.tasks.empty()
         # A new coordinator on the same ledger: dev-a runs the model, but the task is still not for it.
         async with coordinator(broker, pki, tmp_path) as again:
             await a.beat()
-            await online(again, "dev-a")
+            await until(lambda: again.devices_for("digits") == ["dev-a"])
             await asyncio.sleep(0.3)
             assert a.tasks.empty()
             async with FakeDevice(broker, pki, "dev-b", ("digits",)) as b:  # the pinned device comes online
+                await online(again, "dev-b")
+                await b.ready("digits")  # its key is wrapped when it joins; it installs and says so
                 async with timeout(10):
                     task = await b.tasks.get()
                 assert task.task_id == handle.task_id
