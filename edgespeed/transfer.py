@@ -22,12 +22,13 @@ from edgespeed.protocol import topics
 from edgespeed.protocol.blob import BlobAssembler, BlobSource
 from edgespeed.protocol.envelope import decode_header, open_message, pack_message
 from edgespeed.protocol.messages import BlobInfo, Chunk, ChunkRequest, Error, MessageKind
+from edgespeed.security.blobcrypt import check_block
 from edgespeed.transport.base import Message, Transport
 
 if TYPE_CHECKING:
     from edgespeed.security.seal import Sealer
 
-__all__ = ["BlobServer", "fetch_blob", "fetch_from"]
+__all__ = ["BlobServer", "chunk_verifier", "fetch_blob", "fetch_from"]
 
 log = logging.getLogger(__name__)
 
@@ -203,11 +204,14 @@ async def fetch_from(
     request_timeout: float = 5.0,
     timeout: float = 600.0,
     on_progress: Callable[[int, int], None] | None = None,
+    verify: Callable[[Chunk], bool] | None = None,
 ) -> Path:
     """Fetch a blob, sending requests on ``transport`` and taking answers from ``incoming``.
 
     ``incoming`` carries the chunks (and errors) addressed to this fetch; None
-    means the source closed.
+    means the source closed. ``verify``, if given, authenticates each chunk as
+    it arrives (see `chunk_verifier`): one that fails is dropped and asked for
+    again, so forged chunks can neither corrupt nor abort the fetch.
 
     Raises:
         BlobError: verification failed, or the server answered with an error.
@@ -241,8 +245,32 @@ async def fetch_from(
                 raise TransportError("the message source closed during the fetch")
             if isinstance(body, Error):
                 raise BlobError(f"server refused {info.name!r}: {body.code}: {body.message}", reason=body.code)
-            if body.blob_id == info.name and assembler.accept(body) and on_progress:
+            if body.blob_id != info.name:
+                continue
+            if verify is not None and not verify(body):
+                log.warning("dropped a chunk of %s at %d that failed authentication", info.name, body.offset)
+                continue
+            if assembler.accept(body) and on_progress:
                 on_progress(assembler.committed, info.size)
         return assembler.finish()
     finally:
         assembler.close()
+
+
+def chunk_verifier(info: BlobInfo, key: bytes) -> Callable[[Chunk], bool]:
+    """Authenticates the chunks of a blob encrypted with `edgespeed.security.encrypt_blob` under ``key``.
+
+    A transfer chunk is exactly one AEAD block of the encrypted blob (``info.chunk_size`` is the plaintext
+    chunk size plus the tag), so each verifies on its own against the content key that the signed manifest
+    wraps for this device: only the coordinator that encrypted the blob can have made it.
+    """
+    stride = info.chunk_size
+
+    def verify(chunk: Chunk) -> bool:
+        if chunk.offset % stride:
+            return False
+        return check_block(
+            bytes(chunk.data), key, blob_id=info.name, index=chunk.offset // stride, count=-(-info.size // stride)
+        )
+
+    return verify

@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from edgespeed.errors import ConfigError, SealError
 
-__all__ = ["TAG_SIZE", "decrypt_blob", "encrypt_blob", "iter_decrypted"]
+__all__ = ["TAG_SIZE", "check_block", "decrypt_blob", "encrypt_blob", "iter_decrypted"]
 
 TAG_SIZE = 16
 _AAD = b"edgespeed/blob/v1|"
@@ -43,6 +43,15 @@ def encrypt_blob(data: bytes, *, blob_id: str, chunk_size: int, key: bytes | Non
         for i in range(count)
     ]
     return b"".join(parts), key
+
+
+def check_block(block: bytes, key: bytes, *, blob_id: str, index: int, count: int) -> bool:
+    """Whether ``block`` is block ``index`` of ``count`` of blob ``blob_id`` encrypted under ``key``."""
+    try:
+        AESGCM(key).decrypt(index.to_bytes(12, "big"), block, _aad(blob_id, index, count))
+    except InvalidTag:
+        return False
+    return True
 
 
 def iter_decrypted(path: Path, key: bytes, *, blob_id: str, chunk_size: int) -> Iterator[bytes]:

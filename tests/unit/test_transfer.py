@@ -1,6 +1,7 @@
 """Chunked blob transfer over transports: in memory, and a 200 MiB blob through a real Mosquitto."""
 
 import asyncio
+import hashlib
 import os
 from pathlib import Path
 
@@ -56,3 +57,59 @@ async def test_server_drops_requests_whose_sender_does_not_match_the_topic(tmp_p
             await asyncio.sleep(0.01)
         assert server.rejected == 2 and server.served == 0
         task.cancel()
+
+
+async def test_forged_chunks_are_dropped_and_the_genuine_ones_still_land(tmp_path: Path) -> None:
+    """A fleet member spraying forged chunks (valid framing, right offsets, garbage data) into a receiver's
+    inbox during a fetch: with the content key each chunk is checked as it arrives, the forgeries are
+    dropped, and the blob still arrives whole."""
+    from edgespeed.protocol.messages import Chunk
+    from edgespeed.security import encrypt_blob
+    from edgespeed.security.blobcrypt import TAG_SIZE
+    from edgespeed.transfer import chunk_verifier, fetch_from
+
+    hub = MemoryBroker()
+    plain = os.urandom(200_000)
+    ciphertext, key = encrypt_blob(plain, blob_id="model", chunk_size=16_000)
+    stride = 16_000 + TAG_SIZE
+    async with MemoryTransport(hub, "coord") as ct, MemoryTransport(hub, "dev-1") as dt:
+        server = BlobServer(ct, fleet="f", server_id="coord")
+        info = server.add(BlobSource("model", ciphertext, chunk_size=stride))
+        serving = asyncio.create_task(server.run())
+        await dt.subscribe(topics.device_inbox("f", "dev-1"))
+        incoming: asyncio.Queue[Chunk | None] = asyncio.Queue(64)
+        forged = 0
+
+        async def pump() -> None:
+            nonlocal forged
+            from edgespeed.protocol.envelope import open_message
+
+            async for message in dt.messages():
+                _, body = open_message(message.payload)
+                if isinstance(body, Chunk):
+                    # Before each genuine chunk, a forgery of the same place arrives first.
+                    garbage = os.urandom(len(body.data))
+                    fake = Chunk(body.blob_id, body.offset, garbage, hashlib.sha256(garbage).digest())
+                    forged += 1
+                    await incoming.put(fake)
+                    await incoming.put(body)
+
+        pumping = asyncio.create_task(pump())
+        dest = tmp_path / "model"
+        path = await fetch_from(
+            dt,
+            info,
+            dest,
+            incoming,
+            fleet="f",
+            device_id="dev-1",
+            window=4,
+            verify=chunk_verifier(info, key),  # type: ignore[arg-type]
+        )
+        assert path.read_bytes() == ciphertext and forged >= len(ciphertext) // stride
+        # Without the check, the first forgery is taken and the whole blob fails its hash.
+        dest.unlink()
+        with pytest.raises(BlobError):
+            await fetch_from(dt, info, dest, incoming, fleet="f", device_id="dev-1", window=4, timeout=10)  # type: ignore[arg-type]
+        for task in (pumping, serving):
+            task.cancel()
