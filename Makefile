@@ -21,14 +21,18 @@ $(BIN)/python:
 	  { echo "EdgeSpeed needs Python 3.10 or newer ($(PYTHON) is older)"; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 
-$(DEMO_DEPS): pyproject.toml | $(BIN)/python
+# Our own pins for what we build and test with (users' installs take any torch the extras allow):
+# torch 2.13.0 is the CPU build these machines carry; an unpinned torch would pull a multi-GB CUDA build.
+CONSTRAINTS := constraints.txt
+
+$(DEMO_DEPS): pyproject.toml $(CONSTRAINTS) | $(BIN)/python
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[demo]'
+	$(BIN)/python -m pip install -q -c $(CONSTRAINTS) -e '.[demo]'
 	@touch $@
 
-$(DEPS): pyproject.toml | $(BIN)/python
+$(DEPS): pyproject.toml $(CONSTRAINTS) | $(BIN)/python
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[dev,onnx,torch,tflite]'
+	$(BIN)/python -m pip install -q -c $(CONSTRAINTS) -e '.[dev,onnx,torch,tflite]'
 	@touch $@
 
 # The tests start their own Mosquitto on free ports; they need its binary and clients.
