@@ -336,3 +336,17 @@ def test_safetensors_weights_load(tmp_path: Path) -> None:
     (tmp_path / "bad.safetensors").write_bytes(b"\xff" * 64)
     with pytest.raises(UnsafeFileError):
         load_weights(tmp_path / "bad.safetensors")
+
+
+def test_per_peer_rate_limits_hold_each_peer_to_its_allowance_and_forget_the_oldest() -> None:
+    from edgespeed.security.ratelimit import PeerLimiter
+
+    now = [0.0]
+    limits = PeerLimiter(rate=10, burst=5, max_peers=2, clock=lambda: now[0])
+    assert [limits.allow("dev-a") for _ in range(7)] == [True] * 5 + [False] * 2  # the burst, then nothing
+    assert limits.allow("dev-b")  # another peer has its own allowance
+    now[0] += 0.2  # two more tokens for dev-a, at 10 a second
+    assert [limits.allow("dev-a") for _ in range(3)] == [True, True, False]
+    assert limits.refused == 3
+    limits.allow("dev-c")  # a third peer: the least recently seen (dev-b) is forgotten
+    assert set(limits._buckets) == {"dev-a", "dev-c"}

@@ -13,7 +13,7 @@ from edgespeed.protocol.blob import BlobSource
 from edgespeed.protocol.envelope import pack_message
 from edgespeed.protocol.messages import BlobInfo, ChunkRequest
 from edgespeed.transfer import BlobServer, fetch_blob
-from edgespeed.transport import MemoryBroker, MemoryTransport
+from edgespeed.transport import MemoryBroker, MemoryTransport, Message
 
 
 async def test_transfer_in_memory(tmp_path: Path) -> None:
@@ -113,3 +113,25 @@ async def test_forged_chunks_are_dropped_and_the_genuine_ones_still_land(tmp_pat
             await fetch_from(dt, info, dest, incoming, fleet="f", device_id="dev-1", window=4, timeout=10)  # type: ignore[arg-type]
         for task in (pumping, serving):
             task.cancel()
+
+
+async def test_a_peer_flooding_chunk_requests_is_held_to_its_allowance(tmp_path: Path) -> None:
+    hub = MemoryBroker()
+    data = os.urandom(64_000)
+    async with MemoryTransport(hub, "coord") as ct, MemoryTransport(hub, "dev-1"):
+        server = BlobServer(ct, fleet="f", server_id="coord", per_peer=(5.0, 10.0))
+        server.add(BlobSource("blob", data, chunk_size=1_000))
+        request = ChunkRequest("blob", 0, 1_000)
+        for _ in range(200):  # far faster than 5 a second
+            message = pack_message(request, sender="dev-1")
+            await server.handle(Message(topics.coordinator_inbox("f", "dev-1"), message))
+        await asyncio.sleep(0.1)
+        assert server.served <= 12 and server.rejected >= 188  # the burst of 10, and a token or two more
+        # Another device is not held back by the flood.
+        async with MemoryTransport(hub, "dev-2") as dt:
+            serving = asyncio.create_task(server.run())
+            await asyncio.sleep(0)
+            small = server.add(BlobSource("small", data[:5_000], chunk_size=1_000))
+            path = await fetch_blob(dt, small, tmp_path / "small", fleet="f", device_id="dev-2", timeout=30)
+            assert path.read_bytes() == data[:5_000]
+            serving.cancel()
