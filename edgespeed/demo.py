@@ -7,33 +7,29 @@ installed; else amqtt without TLS); starts ``edgespeed coordinator run`` and two
 on scikit-learn's digits and exports it to ONNX; publishes it (encrypted once,
 the key wrapped for each device, the manifest signed); and sends held-out
 digit images through the fleet as sealed tasks with the `Coordinator` API,
-checking every answer against the same network computed here.
+checking every answer against the same network computed here. The fleet is
+built with `edgespeed.testing`, the harness the tests and benchmarks use too.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
-import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 
-from edgespeed.coordinator import Coordinator, CoordinatorConfig, RolloutReport
+from edgespeed.coordinator import Coordinator, RolloutReport
 from edgespeed.errors import EdgeSpeedError, MissingDependencyError, TaskError
-from edgespeed.security import create_ca, issue_certificate
-from edgespeed.transport import BrokerSettings, EmbeddedBroker, find_mosquitto
-from edgespeed.transport.broker import production_settings
+from edgespeed.testing import Fleet, make_pki, start_broker
+from edgespeed.transport import find_mosquitto
 
 __all__ = ["DemoReport", "run_demo", "train_digits_mlp"]
 
@@ -140,59 +136,6 @@ def export_onnx(model: Mlp, path: Path) -> Path:
     return path
 
 
-def _toml(path: Path, values: dict[str, Any]) -> Path:
-    lines = []
-    for key, value in values.items():
-        if isinstance(value, str | Path):
-            lines.append(f"{key} = {json.dumps(str(value))}")
-        elif isinstance(value, list | tuple):
-            lines.append(f"{key} = {json.dumps([str(v) for v in value])}")
-        else:
-            lines.append(f"{key} = {value}")
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
-@contextlib.asynccontextmanager
-async def _processes() -> AsyncIterator[list[tuple[str, subprocess.Popen[bytes], Path]]]:
-    """Processes started inside are stopped on the way out: SIGTERM, then SIGKILL after 10 s.
-
-    The waiting happens off the event loop: an in-process broker must keep
-    serving the processes while they say goodbye.
-    """
-    running: list[tuple[str, subprocess.Popen[bytes], Path]] = []
-    try:
-        yield running
-    finally:
-        for _, proc, _ in running:
-            proc.terminate()
-        for _, proc, _ in running:
-            try:
-                await asyncio.to_thread(proc.wait, 10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                await asyncio.to_thread(proc.wait)
-
-
-def _start(name: str, args: list[str], logs: Path) -> tuple[str, subprocess.Popen[bytes], Path]:
-    log = logs / f"{name}.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "edgespeed", *args],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
-    return name, proc, log
-
-
-def _check_alive(running: list[tuple[str, subprocess.Popen[bytes], Path]]) -> None:
-    for name, proc, log in running:
-        if proc.poll() is not None:
-            tail = log.read_text(errors="replace")[-2000:]
-            raise EdgeSpeedError(f"{name} exited with status {proc.returncode}; its log ends:\n{tail}")
-
-
 async def run_demo(
     *,
     tasks: int = 200,
@@ -209,66 +152,46 @@ async def run_demo(
     """
     with contextlib.ExitStack() as stack:
         base = workdir or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="edgespeed-demo-")))
-        logs = base / "logs"
-        logs.mkdir(parents=True, exist_ok=True)
-        pki = base / "pki"
-        ca = create_ca(pki, fleet=FLEET)
-        issue_certificate(ca, "broker", role="broker")
-        issue_certificate(ca, "coord", role="coordinator")
-        for device in DEVICES:
-            issue_certificate(ca, device, role="device")
+        pki = make_pki(base / "pki", FLEET, devices=DEVICES, coordinators=["coord"])
         on_step("fleet CA created; certificates and payload keys for broker, coord, " + ", ".join(DEVICES))
 
+        # Trained before the broker and the processes start: training holds this process's CPU (and its
+        # GIL), and amqtt, when it is the broker, runs in this process and must answer connections at once.
+        started = time.perf_counter()
+        model = await asyncio.to_thread(train_digits_mlp)
+        onnx_path = export_onnx(model, base / "digits.onnx")
+        train_accuracy = float((model(model.x_test).argmax(axis=1) == model.y_test).mean())
+        on_step(
+            f"digits network trained here in {time.perf_counter() - started:.1f} s "
+            f"({train_accuracy:.1%} on held-out images) and exported to ONNX"
+        )
+
         use_tls = broker_backend != "amqtt" and find_mosquitto() is not None
-        if use_tls:
-            settings = production_settings(
-                pki, fleet=FLEET, coordinators=["coord"], out_dir=base / "broker", host="127.0.0.1", tls_port=0
-            )
-        else:
-            settings = BrokerSettings(backend=broker_backend)
-        async with EmbeddedBroker(settings) as broker:
+        async with start_broker(pki, base, production=use_tls, backend=broker_backend, persistence=use_tls) as broker:
             url = broker.tls_url if use_tls else broker.url
             how = "mutual TLS, fleet ACL" if use_tls else "no TLS: install Mosquitto for mutual TLS"
             on_step(f"broker up: {broker.backend} at {url} ({how})")
-            common = {"fleet": FLEET, "broker": url, "pki_dir": pki}
-            coord_toml = _toml(
-                base / "coordinator.toml", {**common, "state_dir": base / "coord", "heartbeat_s": 1.0, "lease_s": 10.0}
-            )
-            async with _processes() as running:
-                running.append(_start("coordinator", ["coordinator", "run", "--config", str(coord_toml)], logs))
-                for device in DEVICES:
-                    device_toml = _toml(
-                        base / f"{device}.toml",
-                        {
-                            **common,
-                            "device_id": device,
-                            "state_dir": base / device,
-                            "heartbeat_s": 1.0,
-                            "backends": ["onnx"],
-                            "threads": 1,
-                        },
-                    )
-                    running.append(_start(device, ["device", "run", "--config", str(device_toml)], logs))
-                on_step("coordinator and two device agents started as separate processes (logs in " + f"{logs})")
+            # Agents as `edgespeed device run` processes, the coordinator as `edgespeed coordinator run`.
+            async with Fleet(
+                base,
+                pki,
+                broker,
+                backends=["onnx"],
+                in_process=False,
+                cli=True,
+                test_timings=False,
+                agent_settings={"heartbeat_s": 1.0, "threads": 1},
+                coordinator_settings={"heartbeat_s": 1.0, "lease_s": 10.0},
+            ) as fleet:
+                fleet.start_coordinator_process()
+                await fleet.start_agents()
+                on_step("coordinator and two device agents started as separate processes (logs in " + f"{fleet.logs})")
 
-                started = time.perf_counter()
-                model = await asyncio.to_thread(train_digits_mlp)
-                onnx_path = export_onnx(model, base / "digits.onnx")
-                train_accuracy = float((model(model.x_test).argmax(axis=1) == model.y_test).mean())
-                on_step(
-                    f"digits network trained here in {time.perf_counter() - started:.1f} s "
-                    f"({train_accuracy:.1%} on held-out images) and exported to ONNX"
-                )
-
-                config = CoordinatorConfig.from_toml(coord_toml)
-                async with Coordinator(config, client_id="coord-demo") as c:
-                    for _ in range(90):
-                        _check_alive(running)  # a part that exits says why, at once
-                        with contextlib.suppress(TimeoutError):
-                            await c.wait_for_devices(len(DEVICES), timeout=1.0)
-                            break
-                    else:
-                        raise EdgeSpeedError("the device agents did not join within 90 s")
+                async with fleet.coordinator(client_id="coord-demo") as c:
+                    try:
+                        await fleet.wait_devices(c, len(DEVICES), timeout=90)  # a part that exits says why, at once
+                    except TimeoutError:
+                        raise EdgeSpeedError("the device agents did not join within 90 s") from None
                     joined = ", ".join(f"{d.device_id} ({d.card.arch})" for d in c.registry.online())
                     on_step(f"devices joined: {joined}")
                     rollout = await c.publish_model([onnx_path], name="digits", timeout=90)

@@ -1,11 +1,13 @@
-"""Shared fixtures: a fleet PKI, a real Mosquitto on free ports with the project's config, unique topics."""
+"""Shared fixtures from the fleet harness (`edgespeed.testing`): a fleet PKI, a real Mosquitto on free ports
+with the project's config (development or production), unique topics."""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,17 +15,8 @@ import pytest
 from hypothesis import HealthCheck, settings
 
 from edgespeed.security import FleetCA, Identity, create_ca, issue_certificate
-from edgespeed.transport import (
-    BrokerSettings,
-    BrokerTls,
-    EmbeddedBroker,
-    Message,
-    MqttConfig,
-    TlsConfig,
-    Transport,
-    find_mosquitto,
-)
-from edgespeed.transport.broker import production_settings
+from edgespeed.testing import FleetPki, make_pki, start_broker
+from edgespeed.transport import EmbeddedBroker, Message, MqttConfig, Transport, find_mosquitto
 from tests.models import DigitsModel
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -35,28 +28,31 @@ settings.register_profile("long", deadline=None, max_examples=200_000, suppress_
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
+SECURE_FLEET = "sec"
+
+
 @dataclass(frozen=True)
-class Pki:
-    ca: FleetCA
-    broker: Identity
-    devices: dict[str, Identity]
+class Pki(FleetPki):
+    """The tests' fleet PKI (`edgespeed.testing.make_pki`), and a foreign CA with a ``dev-a`` of its own."""
+
     foreign_ca: FleetCA
     foreign_device: Identity
 
-    def tls(self, name: str) -> TlsConfig:
-        ident = self.devices[name]
-        return TlsConfig(self.ca.cert_file, ident.cert_file, ident.key_file)
+    @property
+    def devices(self) -> Mapping[str, Identity]:
+        """Every client identity by id: dev-a, dev-b, dev-c, coord and the auditor audit."""
+        return self.identities
 
 
 @pytest.fixture(scope="session")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     base = tmp_path_factory.mktemp("pki")
-    ca = create_ca(base / "ca", fleet="test")
-    broker = issue_certificate(ca, "broker", role="broker")
-    roles = {"dev-a": "device", "dev-b": "device", "dev-c": "device", "coord": "coordinator", "audit": "device"}
-    devices = {name: issue_certificate(ca, name, role=role) for name, role in roles.items()}  # type: ignore[arg-type]
+    fleet = make_pki(
+        base / "ca", SECURE_FLEET, devices=["dev-a", "dev-b", "dev-c"], coordinators=["coord"], auditors=["audit"]
+    )
     foreign = create_ca(base / "foreign", fleet="evil")
-    return Pki(ca, broker, devices, foreign, issue_certificate(foreign, "dev-a"))
+    fields = {f.name: getattr(fleet, f.name) for f in dataclasses.fields(fleet)}
+    return Pki(**fields, foreign_ca=foreign, foreign_device=issue_certificate(foreign, "dev-a"))
 
 
 def _need_mosquitto() -> None:
@@ -68,12 +64,7 @@ def _need_mosquitto() -> None:
 async def broker(pki: Pki, tmp_path: Path) -> AsyncIterator[EmbeddedBroker]:
     """A Mosquitto of our own on free ports: plain and mutual-TLS listeners, persistence on."""
     _need_mosquitto()
-    settings = BrokerSettings(
-        backend="mosquitto",
-        tls=BrokerTls(pki.ca.cert_file, pki.broker.cert_file, pki.broker.key_file),
-        data_dir=tmp_path / "broker-data",
-    )
-    async with EmbeddedBroker(settings) as b:
+    async with start_broker(pki, tmp_path, production=False, backend="mosquitto") as b:
         yield b
 
 
@@ -87,23 +78,11 @@ def digits(tmp_path_factory: pytest.TempPathFactory) -> DigitsModel:
     return train_digits(tmp_path_factory.mktemp("digits"))
 
 
-SECURE_FLEET = "sec"
-
-
 @pytest.fixture
 async def secure_broker(pki: Pki, tmp_path: Path) -> AsyncIterator[EmbeddedBroker]:
     """Mosquitto with the rendered production config: mutual TLS only, the fleet ACL, persistence."""
     _need_mosquitto()
-    settings = production_settings(
-        pki.ca.directory,
-        fleet=SECURE_FLEET,
-        coordinators=["coord"],
-        auditors=["audit"],
-        out_dir=tmp_path / "broker",
-        host="127.0.0.1",
-        tls_port=0,
-    )
-    async with EmbeddedBroker(settings) as broker:
+    async with start_broker(pki, tmp_path, production=True) as broker:
         yield broker
 
 

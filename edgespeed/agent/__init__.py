@@ -2,5 +2,6 @@
 
 from edgespeed.agent.config import AgentConfig
 from edgespeed.agent.device import Device
+from edgespeed.agent.supervisor import PartFailedError
 
-__all__ = ["AgentConfig", "Device"]
+__all__ = ["AgentConfig", "Device", "PartFailedError"]

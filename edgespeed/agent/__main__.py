@@ -21,7 +21,11 @@ from edgespeed.errors import EdgeSpeedError
 
 
 async def serve(config: AgentConfig) -> None:
-    """Run the agent until SIGINT or SIGTERM, then drain and leave."""
+    """Run the agent until SIGINT or SIGTERM, then drain and leave.
+
+    Raises:
+        PartFailedError: a part of the agent failed and the agent closed itself (logged at CRITICAL).
+    """
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -31,11 +35,12 @@ async def serve(config: AgentConfig) -> None:
         logging.getLogger("edgespeed").warning(
             "%s joined fleet %s at %s (backends: %s)", config.device_id, config.fleet, config.broker, backends
         )
-        await stop.wait()
+        await device.run_until_closed(stop)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Parse arguments and run; exit status 1 with a one-line error on bad configuration."""
+    """Parse arguments and run; exit status 1 with a one-line error on bad configuration, or when
+    the agent stopped because one of its parts failed (the traceback is in the log, at CRITICAL)."""
     parser = argparse.ArgumentParser(prog="edgespeed-agent", description="Run the EdgeSpeed device agent.")
     parser.add_argument("--config", "-c", type=Path, required=True, help="the agent's TOML configuration")
     parser.add_argument("--verbose", "-v", action="store_true", help="log debug detail")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from edgespeed._config import build_config, read_toml
 from edgespeed.errors import ConfigError, TopicError
@@ -38,6 +39,8 @@ class AgentConfig:
             a larger result becomes a ``result_too_large`` error.
         uplink_bytes_per_s: pace what the agent sends as a link of this speed would (0: no limit);
             for trying split models over slow links.
+        mqtt_protocol: ``auto`` (MQTT 5 where the broker speaks it, else 3.1.1), ``5`` or ``3.1.1``
+            (saves the probe, up to 2 s a connection, with a broker that speaks only 3.1.1).
     """
 
     device_id: str
@@ -57,6 +60,7 @@ class AgentConfig:
     fetch_timeout: float = 600.0
     max_message_bytes: int = 8 * 1024 * 1024
     uplink_bytes_per_s: float = 0.0
+    mqtt_protocol: Literal["auto", "5", "3.1.1"] = "auto"
 
     def __post_init__(self) -> None:
         try:
@@ -69,6 +73,8 @@ class AgentConfig:
         for name in ("queue_size", "max_batch", "concurrency", "cache_bytes", "max_message_bytes"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1")
+        if self.mqtt_protocol not in ("auto", "5", "3.1.1"):
+            raise ConfigError(f"mqtt_protocol is auto, 5 or 3.1.1, not {self.mqtt_protocol!r}")
         if self.heartbeat_s <= 0 or self.max_wait_ms < 0 or self.fetch_timeout <= 0:
             raise ConfigError("heartbeat_s and fetch_timeout must be positive, max_wait_ms not negative")
 
@@ -108,4 +114,5 @@ class AgentConfig:
             queue_size=max(self.queue_size, 16),
             max_packet_size=self.max_message_bytes,
             uplink_bytes_per_s=self.uplink_bytes_per_s,
+            protocol=self.mqtt_protocol,
         )

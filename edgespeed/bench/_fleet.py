@@ -1,9 +1,12 @@
-"""What the fleet benchmarks share: a TLS Mosquitto on free ports, identities, agents and raw paho peers.
+"""What the fleet benchmarks share: results in JSON, the fleet (`edgespeed.testing`) and raw paho peers.
 
-Every comparison runs on one broker in one run: EdgeSpeed (coordinator in this
-process, device agents as processes) against raw paho-mqtt (requester or
-publisher in this process, responders or subscribers as processes), so both
-sides have the same topology and the same TLS cost.
+The fleet (a TLS Mosquitto on free ports, identities, agents as processes) is
+`edgespeed.testing.fleet` with the benchmarks' settings; the raw paho-mqtt
+peers of the baselines are here. Every comparison runs on one broker in one
+run: EdgeSpeed (coordinator in this process, device agents as processes)
+against raw paho-mqtt (requester or publisher in this process, responders or
+subscribers as processes), so both sides have the same topology and the same
+TLS cost.
 """
 
 from __future__ import annotations
@@ -17,22 +20,36 @@ import re
 import socket
 import ssl
 import statistics
-import subprocess
 import sys
-import tempfile
 import threading
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
-from edgespeed.coordinator import CoordinatorConfig
-from edgespeed.security import create_ca, issue_certificate
-from edgespeed.transport import BrokerSettings, BrokerTls, EmbeddedBroker
+from edgespeed import testing
+from edgespeed.testing import Fleet, FleetProcess, big_onnx, identity_onnx
+
+__all__ = [
+    "FLEET",
+    "MAX_MESSAGE",
+    "RAW_NAMES",
+    "Fleet",
+    "bench_main",
+    "big_onnx",
+    "emit",
+    "entry",
+    "fleet",
+    "identity_onnx",
+    "median",
+    "meets",
+    "percentile",
+    "raw_client",
+    "raw_paho",
+    "raw_peer",
+]
 
 FLEET = "bench"
 MAX_MESSAGE = 80 * 1024 * 1024
@@ -104,113 +121,20 @@ def median(values: list[float]) -> float:
     return statistics.median(values)
 
 
-def identity_onnx(path: Path) -> Path:
-    """An ONNX model that returns its input: the echo backend of `rtt`, `throughput` and `tensor`."""
-    from onnx import TensorProto, helper, save
+async def raw_peer(f: Fleet, role: str, name: str, *args: str) -> FleetProcess:
+    """A raw paho process (`edgespeed.bench._raw`: ``echo`` or ``sink``) of the fleet, once it says it is ready.
 
-    graph = helper.make_graph(
-        [helper.make_node("Identity", ["x"], ["y"])],
-        "echo",
-        [helper.make_tensor_value_info("x", TensorProto.UINT8, ["n", "m"])],
-        [helper.make_tensor_value_info("y", TensorProto.UINT8, ["n", "m"])],
-    )
-    save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), str(path))
-    return path
+    It is stopped with the fleet (or earlier with ``await peer.astop()``).
+    """
+    argv = [sys.executable, "-m", "edgespeed.bench._raw", role, f.url, str(f.pki.directory), name, *args]
+    proc = f.spawn(name, argv)
+    await proc.wait_for_output("ready", timeout=30)
+    return proc
 
 
-def big_onnx(path: Path, mib: int) -> Path:
-    """A real ONNX model of ``mib`` MiB: one MatMul with random (incompressible) float32 weights."""
-    from onnx import TensorProto, helper, numpy_helper, save
-
-    side = int((mib * 2**20 / 4) ** 0.5)
-    weights = np.random.default_rng(0).standard_normal((side, side), dtype=np.float32)
-    graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "w"], ["y"])],
-        "big",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", side])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", side])],
-        [numpy_helper.from_array(weights, "w")],
-    )
-    save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), str(path))
-    return path
-
-
-@dataclass
-class Fleet:
-    """A broker, a fleet PKI and a working folder."""
-
-    base: Path
-    broker: EmbeddedBroker
-
-    @property
-    def pki(self) -> Path:
-        return self.base / "pki"
-
-    def coordinator(self, **kw: Any) -> CoordinatorConfig:
-        kw = {"heartbeat_s": 1.0, "max_message_bytes": MAX_MESSAGE, **kw}
-        return CoordinatorConfig(
-            fleet=FLEET, broker=self.broker.tls_url, pki_dir=self.pki, state_dir=self.base / "coord", **kw
-        )
-
-    @contextlib.contextmanager
-    def agents(
-        self, names: list[str], *, cpus: dict[str, int] | None = None, **settings: Any
-    ) -> Iterator[list[subprocess.Popen[bytes]]]:
-        """Device agents as processes (ONNX Runtime, one intra-op thread), pinned to ``cpus`` where given."""
-        procs = []
-        try:
-            for name in names:
-                values = {
-                    "device_id": name,
-                    "fleet": FLEET,
-                    "broker": self.broker.tls_url,
-                    "pki_dir": str(self.pki),
-                    "state_dir": str(self.base / name),
-                    "heartbeat_s": 1.0,
-                    "backends": ["onnx"],
-                    "threads": 1,
-                    "max_message_bytes": MAX_MESSAGE,
-                    **settings,
-                }
-                config = self.base / f"{name}.toml"
-                config.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in values.items()))
-                cpu = (cpus or {}).get(name)
-                procs.append(
-                    subprocess.Popen(
-                        [sys.executable, "-m", "edgespeed.agent", "--config", str(config)],
-                        stdout=subprocess.DEVNULL,
-                        stderr=subprocess.DEVNULL,
-                        preexec_fn=None if cpu is None else (lambda cpu=cpu: os.sched_setaffinity(0, {cpu})),
-                    )
-                )
-            yield procs
-        finally:
-            for proc in procs:
-                proc.terminate()
-            for proc in procs:
-                try:
-                    proc.wait(timeout=15)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
-
-    def peer(self, role: str, name: str, *args: str) -> subprocess.Popen[bytes]:
-        """A raw paho process (`edgespeed.bench._raw`: ``echo`` or ``sink``), ready once it says so."""
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "edgespeed.bench._raw", role, self.broker.tls_url, str(self.pki), name, *args],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-        )
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        if not line.startswith(b"ready"):
-            proc.kill()
-            raise RuntimeError(f"raw peer {name} did not start")
-        return proc
-
-    def paho(self, name: str) -> paho.Client:
-        """A connected raw paho client over mutual TLS, TCP_NODELAY, loop in its own thread."""
-        return raw_client(self.broker.tls_url, self.pki, name)
+def raw_paho(f: Fleet, name: str) -> paho.Client:
+    """A connected raw paho client of the fleet over mutual TLS, TCP_NODELAY, loop in its own thread."""
+    return raw_client(f.url, f.pki.directory, name)
 
 
 def raw_client(url: str, pki: Path, name: str) -> paho.Client:
@@ -241,22 +165,26 @@ RAW_NAMES = ("raw-a", "raw-b", "raw-c")
 
 @contextlib.asynccontextmanager
 async def fleet(devices: int = 2) -> AsyncIterator[Fleet]:
-    """A TLS Mosquitto and a PKI with ``coord``, ``dev-1``.. and raw peers ``raw-a``, ``raw-b``, ``raw-c``."""
-    with tempfile.TemporaryDirectory(prefix="edgespeed-bench-") as tmp:
-        base = Path(tmp)
-        ca = create_ca(base / "pki", fleet=FLEET)
-        broker_id = issue_certificate(ca, "broker", role="broker")
-        issue_certificate(ca, "coord", role="coordinator")
-        for i in range(devices):
-            issue_certificate(ca, f"dev-{i + 1}", role="device")
-        for name in RAW_NAMES:
-            issue_certificate(ca, name, role="device")
-        settings = BrokerSettings(
-            backend="mosquitto",
-            port=None,
-            tls=BrokerTls(ca.cert_file, broker_id.cert_file, broker_id.key_file),
-            max_packet_size=MAX_MESSAGE + 1024 * 1024,
-        )
-        os.environ.setdefault("OMP_NUM_THREADS", "1")
-        async with EmbeddedBroker(settings) as broker:
-            yield Fleet(base, broker)
+    """A TLS Mosquitto and a PKI with ``coord``, ``dev-1``.. and raw peers ``raw-a``, ``raw-b``, ``raw-c``.
+
+    The broker takes mutual TLS only, without an ACL (the raw peers use their own topics) or
+    persistence; agents start with ``f.agents([...])``, each a process (ONNX Runtime, one intra-op
+    thread), pinned with ``cpus=`` where given. Everything started is stopped on the way out.
+    """
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    async with testing.fleet(
+        devices,
+        fleet_id=FLEET,
+        clients=RAW_NAMES,
+        in_process=False,
+        start=False,
+        production=False,
+        broker_backend="mosquitto",
+        plain=False,
+        persistence=False,
+        max_packet_size=MAX_MESSAGE + 1024 * 1024,
+        test_timings=False,
+        agent_settings={"heartbeat_s": 1.0, "threads": 1, "max_message_bytes": MAX_MESSAGE},
+        coordinator_settings={"heartbeat_s": 1.0, "max_message_bytes": MAX_MESSAGE},
+    ) as f:
+        yield f

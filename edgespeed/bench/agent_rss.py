@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -20,8 +18,8 @@ from typing import Any
 from edgespeed._compat import timeout
 from edgespeed.bench._fleet import emit, entry
 from edgespeed.protocol import topics
-from edgespeed.security import create_ca, issue_certificate
-from edgespeed.transport import EmbeddedBroker, MqttConfig, MqttTransport
+from edgespeed.testing import agent_config, agent_process, make_pki, start_broker
+from edgespeed.transport import MqttConfig, MqttTransport
 
 
 def rss_mb(pid: int) -> float:
@@ -34,23 +32,12 @@ def rss_mb(pid: int) -> float:
 async def run() -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         base = Path(tmp)
-        ca = create_ca(base / "pki", fleet="bench")
-        for name, role in (("dev-1", "device"), ("coord", "coordinator")):
-            issue_certificate(ca, name, role=role)  # type: ignore[arg-type]
-        async with EmbeddedBroker() as broker:
-            config = base / "agent.toml"
-            config.write_text(
-                f'device_id = "dev-1"\nfleet = "bench"\nbroker = "{broker.url}"\ncoordinator = "coord"\n'
-                f'pki_dir = "pki"\nstate_dir = "state"\nbackends = ["onnx"]\n'
-            )
+        pki = make_pki(base / "pki", "bench", devices=["dev-1"], coordinators=["coord"])
+        async with start_broker(None, base, production=False, persistence=False) as broker:
+            config = agent_config(broker, pki, "dev-1", base / "state", test_timings=False, backends=("onnx",))
             async with MqttTransport(MqttConfig(broker.url, "watcher")) as watcher:
                 await watcher.subscribe(topics.birth("bench", "dev-1"))
-                proc = subprocess.Popen(  # noqa: ASYNC220 - started once; only its memory is read
-                    [sys.executable, "-m", "edgespeed.agent", "--config", str(config)],
-                    stdout=subprocess.DEVNULL,
-                    stderr=subprocess.PIPE,
-                )
-                try:
+                async with agent_process(config, log_file=base / "agent.log") as proc:
                     async with timeout(60):
                         async for _ in watcher.messages():
                             break
@@ -59,9 +46,6 @@ async def run() -> dict[str, Any]:
                     for _ in range(5):
                         samples.append(rss_mb(proc.pid))
                         await asyncio.sleep(0.2)
-                finally:
-                    proc.terminate()
-                    proc.wait(timeout=20)
     return entry("agent-rss", max(samples), None, "MB", "<= 60", higher_is_better=False, absolute=True)
 
 

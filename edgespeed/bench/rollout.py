@@ -24,8 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from edgespeed.bench._fleet import Fleet, bench_main, big_onnx, entry, fleet, median
-from edgespeed.coordinator import Coordinator
+from edgespeed.bench._fleet import Fleet, bench_main, big_onnx, entry, fleet, median, raw_paho, raw_peer
 
 CHUNK = 512 * 1024
 
@@ -54,31 +53,29 @@ def raw_push(client: Any, data: bytes, sinks: list[str]) -> float:
 async def ours(f: Fleet, model: Path, version: int, devices: list[str]) -> float:
     for name in devices:
         shutil.rmtree(f.base / name, ignore_errors=True)  # nothing cached: the whole model travels
-    with f.agents(devices):
-        async with Coordinator(f.coordinator()) as c:
-            await c.wait_for_devices(len(devices), devices=devices)
-            start = time.perf_counter()
-            report = await c.publish_model([model], name="big", version=version, targets=",".join(devices), timeout=300)
-            seconds = time.perf_counter() - start
-            if not report.ok:
-                raise RuntimeError(f"rollout failed: {report}")
-            return seconds
+    async with f.agents(devices), f.coordinator() as c:
+        await c.wait_for_devices(len(devices), devices=devices)
+        start = time.perf_counter()
+        report = await c.publish_model([model], name="big", version=version, targets=",".join(devices), timeout=300)
+        seconds = time.perf_counter() - start
+        if not report.ok:
+            raise RuntimeError(f"rollout failed: {report}")
+        return seconds
 
 
 async def cut(f: Fleet, model: Path, version: int) -> bool:
     """Restart the broker mid-rollout; True if both devices still end ready."""
     devices = ["dev-3", "dev-4"]
-    with f.agents(devices):
-        async with Coordinator(f.coordinator()) as c:
-            await c.wait_for_devices(len(devices), devices=devices)
-            publish = asyncio.create_task(
-                c.publish_model([model], name="big", version=version, targets=",".join(devices), timeout=300)
-            )
-            while c._server.served < 40:  # noqa: ASYNC110 - a third of one device's chunks
-                await asyncio.sleep(0.01)
-            await f.broker.restart(down_for=0.5)
-            report = await publish
-            return report.ok
+    async with f.agents(devices), f.coordinator() as c:
+        await c.wait_for_devices(len(devices), devices=devices)
+        publish = asyncio.create_task(
+            c.publish_model([model], name="big", version=version, targets=",".join(devices), timeout=300)
+        )
+        while c.chunks_served < 40:  # noqa: ASYNC110 - a third of one device's chunks
+            await asyncio.sleep(0.01)
+        await f.broker.restart(down_for=0.5)
+        report = await publish
+        return report.ok
 
 
 async def run(quick: bool) -> list[dict[str, Any]]:
@@ -86,8 +83,9 @@ async def run(quick: bool) -> list[dict[str, Any]]:
     async with fleet(devices=4) as f:
         model = big_onnx(f.base / "big.onnx", 64)
         data = model.read_bytes()
-        sinks = [f.peer("sink", name, str(len(data))) for name in ("raw-a", "raw-b")]
-        client = await asyncio.to_thread(f.paho, "raw-c")
+        for name in ("raw-a", "raw-b"):
+            await raw_peer(f, "sink", name, str(len(data)))
+        client = await asyncio.to_thread(raw_paho, f, "raw-c")
         mine, raw = [], []
         try:
             for i in range(rounds):
@@ -98,9 +96,7 @@ async def run(quick: bool) -> list[dict[str, Any]]:
             resumed = await cut(f, model, rounds + 1)
         finally:
             client.loop_stop()
-            for proc in sinks:
-                proc.terminate()
-                proc.wait()
+            await f.stop(["raw-a", "raw-b"])
     result = entry(
         "rollout",
         median(mine),

@@ -32,8 +32,9 @@ from edgespeed._compat import timeout
 from edgespeed.bench._fleet import emit, entry
 from edgespeed.protocol.envelope import decode_header, open_message, pack_message
 from edgespeed.protocol.messages import Result
-from edgespeed.security import KeyDirectory, ReplayGuard, Sealer, create_ca, issue_certificate, load_identity
-from edgespeed.transport import EmbeddedBroker, MqttConfig, MqttTransport
+from edgespeed.security import KeyDirectory, ReplayGuard, Sealer, load_identity
+from edgespeed.testing import make_pki, start_broker, start_process
+from edgespeed.transport import MqttConfig, MqttTransport
 
 SIZE = 1024 * 1024
 TOPIC = "bench/seal/in"
@@ -78,10 +79,10 @@ async def stream(sender: MqttTransport, done: AsyncIterator[Any], count: int, ma
 
 async def run(rounds: int, messages: int) -> list[dict[str, Any]]:
     with tempfile.TemporaryDirectory() as tmp:
-        ca = create_ca(Path(tmp) / "pki")
-        ids = {n: issue_certificate(ca, n) for n in ("coord", "dev-1")}
-        keys = KeyDirectory(ca.cert_file)
-        keys.add_directory(ca.directory)
+        pki = make_pki(Path(tmp) / "pki", "bench", devices=["dev-1"], coordinators=["coord"])
+        ids = {n: pki.identity(n) for n in ("coord", "dev-1")}
+        keys = KeyDirectory(pki.ca.cert_file)
+        keys.add_directory(pki.directory)
         sealer = Sealer("coord", ids["coord"].seal_key(), keys, replay=None)
         opener = Sealer("dev-1", ids["dev-1"].seal_key(), keys, replay=ReplayGuard(Path(tmp) / "replay.db"))
         message = Result("t-1", 0, (os.urandom(SIZE),))
@@ -96,15 +97,10 @@ async def run(rounds: int, messages: int) -> list[dict[str, Any]]:
             "ours": (sealed, opener.open),
             "baseline": (plain, open_message),
         }
-        async with EmbeddedBroker() as broker:
-            proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "edgespeed.bench.seal", "--receive", broker.url, str(ca.directory),
-                str(messages), stdout=asyncio.subprocess.PIPE,
-            )  # fmt: skip
-            try:
-                assert proc.stdout is not None
-                async with timeout(60):
-                    await proc.stdout.readline()
+        async with start_broker(None, Path(tmp), production=False, persistence=False) as broker:
+            receiver = [sys.executable, "-m", "edgespeed.bench.seal", "--receive", broker.url, str(pki.directory)]
+            async with start_process("receiver", [*receiver, str(messages)], Path(tmp) / "receiver.log") as proc:
+                await proc.wait_for_output("ready", timeout=60)
                 config = MqttConfig(broker.url, "bench-tx", max_packet_size=4 * SIZE, queue_size=64)
                 async with MqttTransport(config) as tx:
                     await tx.subscribe(DONE)
@@ -114,9 +110,6 @@ async def run(rounds: int, messages: int) -> list[dict[str, Any]]:
                         for name, (make, _) in sides.items():
                             seconds = await stream(tx, done, messages, make)
                             net[name].append(messages * SIZE / seconds / 1e6)
-            finally:
-                proc.terminate()
-                await proc.wait()
         cpu: dict[str, list[float]] = {"ours": [], "baseline": []}
         for _ in range(rounds):
             for name, (make, take) in sides.items():

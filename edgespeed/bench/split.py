@@ -81,43 +81,43 @@ async def run(quick: bool) -> list[dict[str, Any]]:
     async with fleet(devices=2) as f:
         model = conv_onnx(f.base / "convnet.onnx")
         x = np.random.default_rng(1).standard_normal((1, 3, 16, 16)).astype(np.float32)
-        with f.agents(["dev-1", "dev-2"], cpus=pin):
-            async with Coordinator(f.coordinator(max_inflight=16)) as c:
-                await c.wait_for_devices(2)
-                await c.publish_model([model], name="whole", targets="dev-1", timeout=120)
-                await c.publish_model([model], name="piped", split="2", sample=[x], timeout=120)
-                await c.wait_for_devices(1, model="whole")
-                expected = await c.infer("whole", x)
-                np.testing.assert_allclose(await c.infer("piped", x), expected, rtol=1e-4, atol=1e-4)
-                await _rate(c, "whole", x, 16)
-                await _rate(c, "piped", x, 16)
-                ours, base = [], []
-                for _ in range(rounds):
-                    base.append(await _rate(c, "whole", x, count))
-                    ours.append(await _rate(c, "piped", x, count))
-                split = c.splits()["piped"]
-                report = split.report()
+        async with f.agents(["dev-1", "dev-2"], cpus=pin), f.coordinator(max_inflight=16) as c:
+            await c.wait_for_devices(2)
+            await c.publish_model([model], name="whole", targets="dev-1", timeout=120)
+            await c.publish_model([model], name="piped", split="2", sample=[x], timeout=120)
+            await c.wait_for_devices(1, model="whole")
+            expected = await c.infer("whole", x)
+            np.testing.assert_allclose(await c.infer("piped", x), expected, rtol=1e-4, atol=1e-4)
+            await _rate(c, "whole", x, 16)
+            await _rate(c, "piped", x, 16)
+            ours, base = [], []
+            for _ in range(rounds):
+                base.append(await _rate(c, "whole", x, count))
+                ours.append(await _rate(c, "piped", x, count))
+            split = c.splits()["piped"]
+            report = split.report()
         # Without micro-batching: pipelining alone (the batched whole model gains more from batching).
-        with f.agents(["dev-1", "dev-2"], cpus=pin, max_batch=1):
-            async with Coordinator(f.coordinator(max_inflight=16)) as c:
-                await c.wait_for_devices(1, model="whole")
-                for shard in c.splits()["piped"].shards:
-                    await c.wait_for_devices(1, model=shard)
-                batched_whole = await _rate(c, "whole", x, count)
-                batched_piped = await _rate(c, "piped", x, count)
+        async with f.agents(["dev-1", "dev-2"], cpus=pin, max_batch=1), f.coordinator(max_inflight=16) as c:
+            await c.wait_for_devices(1, model="whole")
+            for shard in c.splits()["piped"].shards:
+                await c.wait_for_devices(1, model=shard)
+            batched_whole = await _rate(c, "whole", x, count)
+            batched_piped = await _rate(c, "piped", x, count)
         segments = await asyncio.to_thread(profile_onnx, model, [x])
         # The planner's choice against both options measured, with the agents' uplinks paced.
         table = []
         for label, speed in PACED_QUICK if quick else PACED:
             link = Link(bytes_per_s=speed)
             chosen = plan(segments, {"dev-1": 1.0, "dev-2": 1.0}, link, objective="throughput", input_bytes=x.nbytes)
-            with f.agents(["dev-1", "dev-2"], cpus=pin, max_batch=1, uplink_bytes_per_s=speed):
-                async with Coordinator(f.coordinator(max_inflight=16)) as c:
-                    await c.wait_for_devices(1, model="whole")
-                    for shard in c.splits()["piped"].shards:
-                        await c.wait_for_devices(1, model=shard)
-                    whole_rps = await _rate(c, "whole", x, 8 if quick else 16)
-                    piped_rps = await _rate(c, "piped", x, 8 if quick else 16)
+            async with (
+                f.agents(["dev-1", "dev-2"], cpus=pin, max_batch=1, uplink_bytes_per_s=speed),
+                f.coordinator(max_inflight=16) as c,
+            ):
+                await c.wait_for_devices(1, model="whole")
+                for shard in c.splits()["piped"].shards:
+                    await c.wait_for_devices(1, model=shard)
+                whole_rps = await _rate(c, "whole", x, 8 if quick else 16)
+                piped_rps = await _rate(c, "piped", x, 8 if quick else 16)
             best = "split" if piped_rps > whole_rps else "whole"
             picked = "split" if len(chosen.stages) > 1 else "whole"
             table.append(

@@ -25,8 +25,19 @@ from typing import Any
 
 import numpy as np
 
-from edgespeed.bench._fleet import Fleet, bench_main, entry, fleet, identity_onnx, median, percentile
+from edgespeed.bench._fleet import (
+    Fleet,
+    bench_main,
+    entry,
+    fleet,
+    identity_onnx,
+    median,
+    percentile,
+    raw_paho,
+    raw_peer,
+)
 from edgespeed.coordinator import Coordinator
+from edgespeed.testing import wait_ready
 
 SWEEP = [1 << 10, 16 << 10, 64 << 10, 256 << 10, 1 << 20, 4 << 20, 16 << 20]
 SWEEP_QUICK = [1 << 10, 64 << 10, 1 << 20, 16 << 20]
@@ -79,10 +90,6 @@ def raw_throughput(client: Any, peers: list[str], payload: bytes, count: int, co
     return count / seconds
 
 
-async def ready(c: Coordinator, model: str, n: int) -> None:
-    await c.wait_for_devices(n, model=model)
-
-
 async def run(quick: bool) -> list[dict[str, Any]]:
     rounds = 3 if quick else 7
     n_rtt = 100 if quick else 300
@@ -90,19 +97,17 @@ async def run(quick: bool) -> list[dict[str, Any]]:
     n_tensor = 2 if quick else 4
     async with fleet(devices=2) as f:
         model = identity_onnx(f.base / "echo.onnx")
-        echo_a, echo_b = f.peer("echo", "raw-a"), f.peer("echo", "raw-b")
-        client = await asyncio.to_thread(f.paho, "raw-c")
+        await raw_peer(f, "echo", "raw-a")
+        await raw_peer(f, "echo", "raw-b")
+        client = await asyncio.to_thread(raw_paho, f, "raw-c")
         try:
-            with f.agents(["dev-1", "dev-2"], max_wait_ms=0, queue_size=128):
-                async with Coordinator(f.coordinator(max_inflight=64)) as c:
-                    await c.publish_model([model], name="echo", timeout=60)
-                    await ready(c, "echo", 2)
-                    return await _measure(f, c, client, rounds, n_rtt, n_tp, n_tensor, quick)
+            async with f.agents(["dev-1", "dev-2"], max_wait_ms=0, queue_size=128), f.coordinator(max_inflight=64) as c:
+                await c.publish_model([model], name="echo", timeout=60)
+                await wait_ready(c, "echo", 2, timeout=60)
+                return await _measure(f, c, client, rounds, n_rtt, n_tp, n_tensor, quick)
         finally:
             client.loop_stop()
-            for proc in (echo_a, echo_b):
-                proc.terminate()
-                proc.wait()
+            await f.stop(["raw-a", "raw-b"])
 
 
 async def _measure(

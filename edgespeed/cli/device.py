@@ -30,7 +30,7 @@ async def _serve(config: AgentConfig) -> None:
     async with Device(config) as device:
         console.print(f"[green]{config.device_id}[/] joined fleet {config.fleet} at {config.broker}")
         console.print(f"  backends: {', '.join(device.card.backends) or 'none'}; state in {config.state_dir}")
-        await stop.wait()
+        await device.run_until_closed(stop)  # raises PartFailedError if the agent failed and closed itself
         console.print("draining and leaving")
 
 

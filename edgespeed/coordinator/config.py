@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from edgespeed._config import build_config, read_toml
 from edgespeed.errors import ConfigError, TopicError
@@ -45,6 +46,8 @@ class CoordinatorConfig:
             lower); a task whose inputs do not fit fails with ``input_too_large``.
         max_result_bytes: the most one output of a result may hold once decoded; a device that
             answers with more (or with anything the model does not declare) gets no more work.
+        mqtt_protocol: ``auto`` (MQTT 5 where the broker speaks it, else 3.1.1), ``5`` or ``3.1.1``
+            (saves the probe, up to 2 s a connection, with a broker that speaks only 3.1.1).
     """
 
     fleet: str
@@ -65,6 +68,7 @@ class CoordinatorConfig:
     max_message_bytes: int = 8 * 1024 * 1024
     split_objective: str = "throughput"
     max_result_bytes: int = 256 * 1024 * 1024
+    mqtt_protocol: Literal["auto", "5", "3.1.1"] = "auto"
 
     def __post_init__(self) -> None:
         try:
@@ -83,6 +87,8 @@ class CoordinatorConfig:
             raise ConfigError("heartbeat_s, lease_s and deadline_s must be positive")
         if self.max_attempts < 1 or self.max_inflight < 1 or self.max_message_bytes < 1024:
             raise ConfigError("max_attempts and max_inflight must be at least 1, max_message_bytes 1024")
+        if self.mqtt_protocol not in ("auto", "5", "3.1.1"):
+            raise ConfigError(f"mqtt_protocol is auto, 5 or 3.1.1, not {self.mqtt_protocol!r}")
         if self.max_result_bytes < 1:
             raise ConfigError("max_result_bytes must be at least 1")
         if self.shared_group and not self.ledger:
@@ -117,4 +123,5 @@ class CoordinatorConfig:
             session_expiry=3600 if persistent else 0,
             queue_size=1024,
             max_packet_size=self.max_message_bytes,
+            protocol=self.mqtt_protocol,
         )

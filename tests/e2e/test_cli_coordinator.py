@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from edgespeed.agent import Device
+from edgespeed.testing import agent_config, coordinator_config, write_coordinator_toml
 from edgespeed.transport import EmbeddedBroker
-from tests.conftest import SECURE_FLEET, Pki
-from tests.integration.test_agent import agent_config
+from tests.conftest import Pki
 from tests.models import DigitsModel
 
 pytestmark = pytest.mark.mosquitto
@@ -34,12 +34,9 @@ async def edgespeed(*args: str, timeout: float = 60) -> tuple[int, str]:
 
 
 def coordinator_toml(broker: EmbeddedBroker, pki: Pki, tmp_path: Path) -> Path:
-    path = tmp_path / "coordinator.toml"
-    path.write_text(
-        f'fleet = "{SECURE_FLEET}"\nbroker = "{broker.tls_url}"\npki_dir = "{pki.ca.directory}"\n'
-        f'state_dir = "{tmp_path / "coord"}"\nheartbeat_s = 0.3\n'
-    )
-    return path
+    """The coordinator's TOML file for the CLI: the coordinator's defaults, heartbeats as the agents'."""
+    config = coordinator_config(broker, pki, tmp_path / "coord", test_timings=False, heartbeat_s=0.3)
+    return write_coordinator_toml(config, tmp_path / "coordinator.toml")
 
 
 async def test_publish_submit_and_status_from_the_command_line(

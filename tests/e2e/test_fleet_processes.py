@@ -1,6 +1,7 @@
 """Split inference: shards that are valid models, the planner, and pipelines across agents on Mosquitto."""
 
 import asyncio
+import contextlib
 import signal
 import time
 from pathlib import Path
@@ -8,11 +9,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from edgespeed.agent import AgentConfig
 from edgespeed.coordinator import Coordinator
+from edgespeed.testing import agent_config, agent_process, coordinator_config, wait_ready
 from edgespeed.transport import EmbeddedBroker
 from tests.conftest import Pki
-from tests.integration.test_coordinator import agent_process, agent_toml, coord_config, wait_ready
 from tests.models import DigitsModel
+
+
+def onnx_agent(broker: EmbeddedBroker, pki: Pki, device: str, tmp_path: Path) -> AgentConfig:
+    """The configuration of an agent process (`edgespeed device run`): ONNX Runtime, a 5 ms batching window."""
+    return agent_config(broker, pki, device, tmp_path / device, backends=("onnx",), max_wait_ms=5)
 
 
 @pytest.mark.mosquitto
@@ -20,9 +27,12 @@ async def test_kill_9_of_a_middle_stage_during_a_stream(
     secure_broker: EmbeddedBroker, pki: Pki, digits: DigitsModel, tmp_path: Path
 ) -> None:
     names = ("dev-a", "dev-b", "dev-c")
-    procs = {n: agent_process(agent_toml(secure_broker, pki, n, tmp_path / n, '"onnx"')) for n in names}
-    try:
-        async with Coordinator(coord_config(secure_broker, pki, tmp_path / "coord", max_inflight=4)) as c:
+    async with contextlib.AsyncExitStack() as stack:
+        procs = {
+            n: await stack.enter_async_context(agent_process(onnx_agent(secure_broker, pki, n, tmp_path), cli=True))
+            for n in names
+        }
+        async with Coordinator(coordinator_config(secure_broker, pki, tmp_path / "coord", max_inflight=4)) as c:
             await c.wait_for_devices(3, timeout=60)
             # Two stages across agent processes first, then three, one of which is killed mid-stream.
             assert (await c.publish_model([digits.onnx], name="d2", split="2", sample=[digits.x_test[:1]])).ok
@@ -43,20 +53,17 @@ async def test_kill_9_of_a_middle_stage_during_a_stream(
             assert c.stats["redispatched"] > 0
             assert time.monotonic() - started < 30
             assert c.stats["replanned"] >= 1 and middle not in c.splits()["d3"].preferred
-    finally:
-        for proc in procs.values():
-            proc.kill()
-            proc.wait()
 
 
 async def test_kill_9_of_a_device_during_a_batch_loses_no_task(
     secure_broker: EmbeddedBroker, pki: Pki, digits: DigitsModel, tmp_path: Path
 ) -> None:
-    procs = [
-        agent_process(agent_toml(secure_broker, pki, name, tmp_path / name, '"onnx"')) for name in ("dev-a", "dev-b")
-    ]
-    try:
-        async with Coordinator(coord_config(secure_broker, pki, tmp_path / "coord", max_inflight=4)) as c:
+    async with contextlib.AsyncExitStack() as stack:
+        procs = [
+            await stack.enter_async_context(agent_process(onnx_agent(secure_broker, pki, name, tmp_path), cli=True))
+            for name in ("dev-a", "dev-b")
+        ]
+        async with Coordinator(coordinator_config(secure_broker, pki, tmp_path / "coord", max_inflight=4)) as c:
             report = await c.publish_model([digits.onnx], name="digits", timeout=60, settle=0)
             if not report.ok:  # the agents may not have been born when the model went out
                 await wait_ready(c, "digits", 2)
@@ -74,7 +81,3 @@ async def test_kill_9_of_a_device_during_a_batch_loses_no_task(
             assert c.stats["redispatched"] > 0  # dev-a held tasks when it died; they went to dev-b
             assert c.registry.get("dev-a").status.value == "lost"  # type: ignore[union-attr]
             assert (await c.counts())["done"] == 300
-    finally:
-        for p in procs:
-            p.kill()
-            p.wait()

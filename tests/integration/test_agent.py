@@ -1,8 +1,8 @@
 """The device agent end to end, over Mosquitto with the production config (mutual TLS, ACLs).
 
-A small harness plays the coordinator (the real one is its own piece of work):
-it publishes signed, encrypted models, serves their chunks, seals tasks and
-opens what devices send back.
+The harness's `StubCoordinator` plays the coordinator (the real one is tested
+on its own): it publishes signed, encrypted models, serves their chunks, seals
+tasks and opens what devices send back.
 """
 
 import asyncio
@@ -14,161 +14,28 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgespeed.agent import AgentConfig, Device
-from edgespeed.errors import EdgeSpeedError, ReplayError
+from edgespeed.agent import Device
+from edgespeed.errors import EdgeSpeedError
 from edgespeed.protocol import topics
-from edgespeed.protocol.blob import DEFAULT_CHUNK_SIZE, BlobSource
-from edgespeed.protocol.envelope import decode_header, open_message, pack_message
+from edgespeed.protocol.envelope import pack_message
 from edgespeed.protocol.messages import (
     Birth,
-    CoordinatorState,
     Death,
     DeviceConfig,
-    Error,
     Heartbeat,
-    MessageKind,
-    ModelManifest,
     ModelStatus,
     Result,
     Task,
 )
 from edgespeed.protocol.tensor import decode_tensor, encode_tensor
-from edgespeed.security import KeyDirectory, ReplayGuard, Sealer, encrypt_blob, sign_manifest
-from edgespeed.security.blobcrypt import TAG_SIZE
 from edgespeed.security.signing import sign_message
-from edgespeed.transfer import BlobServer
+from edgespeed.testing import StubCoordinator, agent_config
 from edgespeed.transport import EmbeddedBroker, MqttTransport
-from tests.conftest import SECURE_FLEET, Pki, mqtt_config
+from tests.conftest import SECURE_FLEET, Pki
 from tests.models import DigitsModel
 
 pytestmark = pytest.mark.mosquitto
 FLEET = SECURE_FLEET
-
-
-class Harness:
-    """Stands in for the coordinator."""
-
-    def __init__(self, broker: EmbeddedBroker, pki: Pki) -> None:
-        self.pki = pki
-        keys = KeyDirectory(pki.ca.cert_file)
-        keys.add_directory(pki.ca.directory)
-        self.sealer = Sealer("coord", pki.devices["coord"].seal_key(), keys, replay=ReplayGuard())
-        self.main = MqttTransport(mqtt_config(broker.tls_url, "coord", tls=pki.tls("coord"), clean_start=False))
-        self.blobs = MqttTransport(mqtt_config(broker.tls_url, "coord-blobs", tls=pki.tls("coord")))
-        self.received: list[tuple[str, object]] = []
-        self.arrived = asyncio.Event()
-        self.server = BlobServer(self.blobs, fleet=FLEET, server_id="coord")
-        self.published: set[str] = set()
-
-    async def __aenter__(self) -> "Harness":
-        await self.main.__aenter__()
-        await self.blobs.__aenter__()
-        await self.main.subscribe(
-            f"es/1/{FLEET}/coord/in/+",
-            topics.device_filter(FLEET, "birth"),
-            topics.device_filter(FLEET, "death"),
-            topics.device_filter(FLEET, "hb"),
-        )
-        await self.main.publish(
-            topics.coordinator_state(FLEET), pack_message(CoordinatorState(True, 1), sender="coord"), retain=True
-        )
-        self._tasks = [asyncio.create_task(self._read()), asyncio.create_task(self.server.run())]
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        for t in self._tasks:
-            t.cancel()
-        for model_id in self.published:
-            await self.main.publish(topics.model_manifest(FLEET, model_id), b"", retain=True)
-        await self.main.close()
-        await self.blobs.close()
-
-    async def _read(self) -> None:
-        async for message in self.main.messages():
-            name = topics.parse_topic(message.topic)
-            try:
-                header, _ = decode_header(message.payload)
-                if header.kind is MessageKind.CHUNK_REQUEST:
-                    continue  # the blob server's business
-                if name.kind is topics.TopicKind.COORDINATOR_INBOX:
-                    _, body = self.sealer.open(message.payload, topic_sender=name.id)
-                else:
-                    _, body = open_message(message.payload)
-            except ReplayError:
-                continue  # a duplicate
-            except EdgeSpeedError as exc:
-                self.received.append((name.id or "", exc))
-                continue
-            self.received.append((name.id or "", body))
-            self.arrived.set()
-
-    async def wait_for(self, predicate, timeout: float = 20.0):  # type: ignore[no-untyped-def]
-        deadline = time.monotonic() + timeout
-        while True:
-            for sender, body in self.received:
-                if predicate(sender, body):
-                    return body
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                kinds = [(s, type(b).__name__) for s, b in self.received]
-                raise TimeoutError(f"expected message did not arrive; got {kinds[-12:]} ({len(kinds)} in all)")
-            self.arrived.clear()
-            try:
-                await asyncio.wait_for(self.arrived.wait(), remaining)
-            except TimeoutError:
-                pass
-
-    async def publish_model(
-        self,
-        version: int,
-        shards: list[tuple[str, bytes, dict]],
-        devices: list[str],  # type: ignore[type-arg]
-        *,
-        tamper: bool = False,
-        model_id: str = "digits",
-    ) -> None:
-        infos, variants = [], []
-        key = None
-        for name, data, variant in shards:
-            ciphertext, key = encrypt_blob(data, blob_id=name, chunk_size=DEFAULT_CHUNK_SIZE, key=key)
-            infos.append(self.server.add(BlobSource(name, ciphertext, chunk_size=DEFAULT_CHUNK_SIZE + TAG_SIZE)))
-            variants.append({"shard": name, **variant})
-        assert key is not None
-        manifest = sign_manifest(
-            ModelManifest(
-                model_id,
-                version,
-                "mixed",
-                tuple(infos),
-                variants=tuple(variants),
-                keys=self.sealer.wrap_key(key, devices, context=f"{model_id}/{version}"),
-            ),
-            signer="coord",
-            key=self.pki.devices["coord"].sign_key(),
-        )
-        if tamper:
-            manifest = dataclasses.replace(manifest, version=version + 1)
-        self.published.add(model_id)
-        await self.main.publish(
-            topics.model_manifest(FLEET, model_id), pack_message(manifest, sender="coord"), retain=True
-        )
-
-    async def send(self, device: str, task: Task) -> None:
-        await self.main.publish(topics.device_inbox(FLEET, device), self.sealer.seal(task, recipient=device))
-
-    def answers(self, device: str) -> dict[str, object]:
-        out: dict[str, object] = {}
-        for sender, body in self.received:
-            if sender == device and isinstance(body, Result | Error) and body.task_id not in out:
-                out[body.task_id] = body
-        return out
-
-
-def agent_config(broker: EmbeddedBroker, pki: Pki, device: str, state: Path, **kw: object) -> AgentConfig:
-    kw = {"heartbeat_s": 0.3, "max_wait_ms": 20, **kw}
-    return AgentConfig(
-        device_id=device, fleet=FLEET, broker=broker.tls_url, pki_dir=pki.ca.directory, state_dir=state, **kw
-    )  # type: ignore[arg-type]
 
 
 def shards(digits: DigitsModel) -> list[tuple[str, bytes, dict]]:  # type: ignore[type-arg]
@@ -187,13 +54,13 @@ def task(i: int, x: np.ndarray, *, model: str = "digits", deadline_s: float = 30
 
 
 @pytest.fixture
-async def harness(secure_broker: EmbeddedBroker, pki: Pki) -> AsyncIterator[Harness]:
-    async with Harness(secure_broker, pki) as h:
+async def harness(secure_broker: EmbeddedBroker, pki: Pki) -> AsyncIterator[StubCoordinator]:
+    async with StubCoordinator(secure_broker, pki) as h:
         yield h
 
 
 async def test_agents_join_install_signed_models_and_answer(
-    secure_broker: EmbeddedBroker, pki: Pki, harness: Harness, digits: DigitsModel, tmp_path: Path
+    secure_broker: EmbeddedBroker, pki: Pki, harness: StubCoordinator, digits: DigitsModel, tmp_path: Path
 ) -> None:
     a_cfg = agent_config(secure_broker, pki, "dev-a", tmp_path / "a")
     b_cfg = agent_config(secure_broker, pki, "dev-b", tmp_path / "b", backends=("torch",))
@@ -257,7 +124,7 @@ async def test_agents_join_install_signed_models_and_answer(
 
 
 async def test_no_answer_is_lost_when_the_broker_restarts_mid_batch(
-    secure_broker: EmbeddedBroker, pki: Pki, harness: Harness, digits: DigitsModel, tmp_path: Path
+    secure_broker: EmbeddedBroker, pki: Pki, harness: StubCoordinator, digits: DigitsModel, tmp_path: Path
 ) -> None:
     cfg = agent_config(secure_broker, pki, "dev-a", tmp_path / "a")
     async with Device(cfg):
@@ -290,7 +157,7 @@ async def test_no_answer_is_lost_when_the_broker_restarts_mid_batch(
 
 
 async def test_a_restarted_agent_reloads_its_cached_model(
-    secure_broker: EmbeddedBroker, pki: Pki, harness: Harness, digits: DigitsModel, tmp_path: Path
+    secure_broker: EmbeddedBroker, pki: Pki, harness: StubCoordinator, digits: DigitsModel, tmp_path: Path
 ) -> None:
     cfg = agent_config(secure_broker, pki, "dev-a", tmp_path / "a")
     async with Device(cfg):
@@ -310,13 +177,13 @@ async def test_a_restarted_agent_reloads_its_cached_model(
 
 
 async def test_remote_configuration_is_signed_and_applied(
-    secure_broker: EmbeddedBroker, pki: Pki, harness: Harness, tmp_path: Path
+    secure_broker: EmbeddedBroker, pki: Pki, harness: StubCoordinator, tmp_path: Path
 ) -> None:
     coord_key, dev_key = pki.devices["coord"].sign_key(), pki.devices["dev-b"].sign_key()
     topic = topics.broadcast(FLEET, "config")
 
     async def publish(config: DeviceConfig) -> None:
-        await harness.main.publish(topic, pack_message(config, sender="coord"), retain=True)
+        await harness.transport.publish(topic, pack_message(config, sender="coord"), retain=True)
 
     async def settled(device: Device, version: int) -> None:
         for _ in range(100):
@@ -352,11 +219,11 @@ async def test_remote_configuration_is_signed_and_applied(
         assert dev.dropped >= 4
     async with Device(cfg) as again:  # kept across a restart
         assert again.config_version == 7 and again.settings["max_batch"] == 2
-    await harness.main.publish(topic, b"", retain=True)
+    await harness.transport.publish(topic, b"", retain=True)
 
 
 async def test_forwarding_full_queue_eviction_and_the_tflite_variant(
-    secure_broker: EmbeddedBroker, pki: Pki, harness: Harness, digits: DigitsModel, tmp_path: Path
+    secure_broker: EmbeddedBroker, pki: Pki, harness: StubCoordinator, digits: DigitsModel, tmp_path: Path
 ) -> None:
     from edgespeed.engine.tflite import TfliteBackend
 
@@ -410,7 +277,7 @@ async def test_forwarding_full_queue_eviction_and_the_tflite_variant(
 
 
 async def test_close_drains_queued_tasks_before_leaving(
-    secure_broker: EmbeddedBroker, pki: Pki, harness: Harness, digits: DigitsModel, tmp_path: Path
+    secure_broker: EmbeddedBroker, pki: Pki, harness: StubCoordinator, digits: DigitsModel, tmp_path: Path
 ) -> None:
     cfg = agent_config(secure_broker, pki, "dev-a", tmp_path / "a", max_batch=1, max_wait_ms=0)
     device = Device(cfg)
@@ -431,7 +298,7 @@ async def test_close_drains_queued_tasks_before_leaving(
 
 
 async def test_a_result_too_large_for_the_broker_becomes_an_error(
-    secure_broker: EmbeddedBroker, pki: Pki, harness: Harness, digits: DigitsModel, tmp_path: Path
+    secure_broker: EmbeddedBroker, pki: Pki, harness: StubCoordinator, digits: DigitsModel, tmp_path: Path
 ) -> None:
     from edgespeed.transport.base import Will
 

@@ -1,8 +1,6 @@
 """The coordinator end to end: real agents, the digits CNN, Mosquitto with the production config (mTLS, ACL)."""
 
 import asyncio
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -12,47 +10,19 @@ import numpy as np
 import pytest
 
 from edgespeed.agent import Device
-from edgespeed.coordinator import Coordinator, CoordinatorConfig, PostgresLedger, SyncCoordinator, TaskState
+from edgespeed.coordinator import Coordinator, PostgresLedger, SyncCoordinator, TaskState
 from edgespeed.errors import ConfigError, TaskError
 from edgespeed.protocol import topics
 from edgespeed.protocol.envelope import open_message
 from edgespeed.protocol.messages import CoordinatorState
+from edgespeed.testing import agent_config, coordinator_config, wait_ready
 from edgespeed.transport import EmbeddedBroker, MqttTransport
 from tests.conftest import PG_DSN, SECURE_FLEET, Pki, mqtt_config, postgres_or_skip, take
-from tests.integration.test_agent import agent_config
 from tests.models import DigitsModel
 
 pytestmark = pytest.mark.mosquitto
 FLEET = SECURE_FLEET
 FIXTURES = Path(__file__).parents[1] / "fixtures"
-
-
-def coord_config(broker: EmbeddedBroker, pki: Pki, state: Path, **kw: object) -> CoordinatorConfig:
-    kw = {"heartbeat_s": 0.3, "lease_s": 10.0, "deadline_s": 30.0, **kw}
-    return CoordinatorConfig(fleet=FLEET, broker=broker.tls_url, pki_dir=pki.ca.directory, state_dir=state, **kw)  # type: ignore[arg-type]
-
-
-def agent_toml(broker: EmbeddedBroker, pki: Pki, device: str, state: Path, backends: str) -> Path:
-    state.mkdir(parents=True, exist_ok=True)
-    path = state / "agent.toml"
-    path.write_text(
-        f'device_id = "{device}"\nfleet = "{FLEET}"\nbroker = "{broker.tls_url}"\n'
-        f'pki_dir = "{pki.ca.directory}"\nstate_dir = "{state}"\nheartbeat_s = 0.3\nmax_wait_ms = 5\n'
-        f"backends = [{backends}]\n"
-    )
-    return path
-
-
-def agent_process(config: Path) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "edgespeed", "device", "run", "--config", str(config)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-
-
-async def wait_ready(c: Coordinator, model: str, n: int, timeout: float = 30.0) -> None:
-    await c.wait_for_devices(n, model=model, timeout=timeout)
 
 
 @pytest.fixture
@@ -69,7 +39,7 @@ async def test_publish_then_infer_map_scatter_and_ensembles_across_backends(
 ) -> None:
     dev_a, _ = fleet
     progress: list[int] = []
-    async with Coordinator(coord_config(secure_broker, pki, tmp_path / "coord")) as c:
+    async with Coordinator(coordinator_config(secure_broker, pki, tmp_path / "coord")) as c:
         await dev_a.wait_coordinator(5)  # the retained presence
         report = await c.publish_model(
             [digits.onnx, digits.safetensors],
@@ -112,7 +82,7 @@ async def test_publish_then_infer_map_scatter_and_ensembles_across_backends(
 async def test_a_model_no_device_can_run_fails_fast_and_bad_inputs_fail_clearly(
     secure_broker: EmbeddedBroker, pki: Pki, fleet: tuple[Device, Device], digits: DigitsModel, tmp_path: Path
 ) -> None:
-    async with Coordinator(coord_config(secure_broker, pki, tmp_path / "coord")) as c:
+    async with Coordinator(coordinator_config(secure_broker, pki, tmp_path / "coord")) as c:
         report = await c.publish_model([FIXTURES / "digits.tflite"], name="tfl", timeout=5)
         assert report.targets == ("dev-a", "dev-b") and not report.ready
         started = time.monotonic()
@@ -149,7 +119,7 @@ async def test_a_model_no_device_can_run_fails_fast_and_bad_inputs_fail_clearly(
 async def test_a_restarted_coordinator_finishes_the_batch_and_delivers_each_result_once(
     secure_broker: EmbeddedBroker, pki: Pki, fleet: tuple[Device, Device], digits: DigitsModel, tmp_path: Path
 ) -> None:
-    config = coord_config(secure_broker, pki, tmp_path / "coord")
+    config = coordinator_config(secure_broker, pki, tmp_path / "coord")
     x = digits.x_test
     async with Coordinator(config) as first:
         await first.publish_model([digits.onnx, digits.safetensors], name="digits", architecture="digits-cnn")
@@ -174,7 +144,7 @@ async def test_a_restarted_coordinator_finishes_the_batch_and_delivers_each_resu
 async def test_a_broker_restart_loses_nothing(
     secure_broker: EmbeddedBroker, pki: Pki, fleet: tuple[Device, Device], digits: DigitsModel, tmp_path: Path
 ) -> None:
-    async with Coordinator(coord_config(secure_broker, pki, tmp_path / "coord")) as c:
+    async with Coordinator(coordinator_config(secure_broker, pki, tmp_path / "coord")) as c:
         await c.publish_model([digits.onnx, digits.safetensors], name="digits", architecture="digits-cnn")
         await wait_ready(c, "digits", 2)
         x = digits.x_test
@@ -192,7 +162,7 @@ async def test_presence_is_retained_with_a_will(
 ) -> None:
     async with MqttTransport(mqtt_config(secure_broker.tls_url, "audit", tls=pki.tls("audit"))) as watcher:
         await watcher.subscribe(topics.coordinator_state(FLEET))
-        c = Coordinator(coord_config(secure_broker, pki, tmp_path / "coord"))
+        c = Coordinator(coordinator_config(secure_broker, pki, tmp_path / "coord"))
         await c.__aenter__()
         [online] = await take(watcher, 1)
         assert open_message(online.payload)[1] == CoordinatorState(True, c.epoch)
@@ -206,7 +176,7 @@ async def test_the_sync_facade_for_scripts(
     secure_broker: EmbeddedBroker, pki: Pki, fleet: tuple[Device, Device], digits: DigitsModel, tmp_path: Path
 ) -> None:
     def script() -> tuple[np.ndarray, list[np.ndarray]]:
-        with SyncCoordinator(coord_config(secure_broker, pki, tmp_path / "coord"), timeout=60) as c:
+        with SyncCoordinator(coordinator_config(secure_broker, pki, tmp_path / "coord"), timeout=60) as c:
             report = c.publish_model([digits.onnx], name="digits", targets="backend=onnx")
             assert report.ok and report.targets == ("dev-a",), report
             one = c.infer("digits", digits.x_test[:4], deadline=10)
@@ -224,8 +194,8 @@ async def test_two_coordinators_share_the_fleet_through_postgres_and_a_shared_su
     postgres_or_skip()
     prefix = f"t_{uuid.uuid4().hex[:10]}"
     shared = {"ledger": PG_DSN, "ledger_prefix": prefix, "shared_group": "coords"}
-    one = coord_config(secure_broker, pki, tmp_path / "c1", **shared)
-    two = coord_config(secure_broker, pki, tmp_path / "c2", **shared, presence=False)
+    one = coordinator_config(secure_broker, pki, tmp_path / "c1", **shared)
+    two = coordinator_config(secure_broker, pki, tmp_path / "c2", **shared, presence=False)
     try:
         async with Coordinator(one) as c1, Coordinator(two, client_id="coord-2") as c2:
             report = await c1.publish_model([digits.onnx], name="digits", timeout=30, targets="backend=onnx")
@@ -258,7 +228,7 @@ async def test_a_device_cannot_abort_another_devices_download_with_a_forged_erro
     async with (
         MqttTransport(mqtt_config(secure_broker.tls_url, "dev-b", tls=pki.tls("dev-b"))) as rogue,
         Device(a),
-        Coordinator(coord_config(secure_broker, pki, tmp_path / "coord")) as c,
+        Coordinator(coordinator_config(secure_broker, pki, tmp_path / "coord")) as c,
     ):
         stop = asyncio.Event()
 
@@ -282,13 +252,20 @@ async def test_a_task_that_expires_on_a_silent_device_gives_its_slot_back(
 ) -> None:
     """A device that takes tasks and never answers: each expires, and the next one still gets placed."""
     from edgespeed.protocol.envelope import pack_message
-    from edgespeed.protocol.messages import Birth, DeviceCard, Heartbeat
+    from edgespeed.protocol.messages import Birth, DeviceCard, Heartbeat, ModelStatus
+    from edgespeed.security import KeyDirectory, Sealer
+    from edgespeed.testing import affine_onnx
 
+    keys = KeyDirectory(pki.ca.cert_file)
+    keys.add_directory(pki.ca.directory)
+    sealer = Sealer("dev-c", pki.devices["dev-c"].seal_key(), keys, replay=None)
     card = DeviceCard("dev-c", "x86_64", "linux", "0", 2, 1 << 30, ("onnx",), ("cpu",))
     async with MqttTransport(mqtt_config(secure_broker.tls_url, "dev-c", tls=pki.tls("dev-c"))) as silent:
         await silent.subscribe(topics.device_inbox(FLEET, "dev-c"))
         await silent.publish(topics.birth(FLEET, "dev-c"), pack_message(Birth(card, 7), sender="dev-c"), retain=True)
         beat = pack_message(Heartbeat(7, 0.0, 0, models=("m",)), sender="dev-c")
+        # It is a signed target of the model and says, under its own seal, that it installed it.
+        ready = sealer.seal(ModelStatus("m", 1, "ready", backend="onnx"), recipient="coord")
 
         async def heartbeats() -> None:
             while True:
@@ -297,7 +274,10 @@ async def test_a_task_that_expires_on_a_silent_device_gives_its_slot_back(
 
         beating = asyncio.create_task(heartbeats())
         try:
-            async with Coordinator(coord_config(secure_broker, pki, tmp_path / "coord", max_inflight=1)) as c:
+            async with Coordinator(coordinator_config(secure_broker, pki, tmp_path / "coord", max_inflight=1)) as c:
+                await c.wait_for_devices(1)
+                await c.publish_model([affine_onnx(tmp_path / "m.onnx")], name="m", wait=False, settle=0)
+                await silent.publish(topics.coordinator_inbox(FLEET, "dev-c"), ready)
                 await c.wait_for_devices(1, model="m")
                 for _ in range(2):
                     with pytest.raises(TaskError) as caught:

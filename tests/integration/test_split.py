@@ -11,10 +11,9 @@ from edgespeed.agent import Device
 from edgespeed.coordinator import Coordinator
 from edgespeed.errors import ConfigError, TaskError
 from edgespeed.protocol.messages import Task
+from edgespeed.testing import agent_config, coordinator_config
 from edgespeed.transport import EmbeddedBroker
 from tests.conftest import Pki
-from tests.integration.test_agent import agent_config
-from tests.integration.test_coordinator import coord_config
 from tests.models import DigitsModel
 
 
@@ -29,7 +28,7 @@ async def test_split_models_run_as_pipelines_across_agents(
         Device(configs[0]),
         Device(configs[1]),
         Device(configs[2]),
-        Coordinator(coord_config(secure_broker, pki, tmp_path / "coord")) as c,
+        Coordinator(coordinator_config(secure_broker, pki, tmp_path / "coord")) as c,
     ):
         await c.wait_for_devices(3)
         x = digits.x_test
@@ -77,7 +76,7 @@ async def test_split_models_run_as_pipelines_across_agents(
         Device(configs[0]),
         Device(configs[1]),
         Device(configs[2]),
-        Coordinator(coord_config(secure_broker, pki, tmp_path / "coord")) as again,
+        Coordinator(coordinator_config(secure_broker, pki, tmp_path / "coord")) as again,
     ):
         assert again.splits()["d3"].cuts == split.cuts
         await again.wait_for_devices(3, model="d3-s3")
@@ -101,7 +100,7 @@ async def test_peers_may_only_forward_split_model_stages(
     a = agent_config(secure_broker, pki, "dev-a", tmp_path / "a", backends=("onnx",))
     async with (
         Device(a) as dev_a,
-        Coordinator(coord_config(secure_broker, pki, tmp_path / "coord")) as c,
+        Coordinator(coordinator_config(secure_broker, pki, tmp_path / "coord")) as c,
         MqttTransport(mqtt_config(secure_broker.tls_url, "dev-c", tls=pki.tls("dev-c"))) as rogue,
     ):
         await c.wait_for_devices(1)

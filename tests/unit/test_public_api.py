@@ -24,6 +24,7 @@ PACKAGES = [
     "edgespeed.coordinator.policies",
     "edgespeed.optimize",
     "edgespeed.bench.suite",
+    "edgespeed.testing",
 ]
 
 
