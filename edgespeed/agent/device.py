@@ -55,6 +55,7 @@ from edgespeed.protocol.messages import (
     Task,
 )
 from edgespeed.security import KeyDirectory, ReplayGuard, Sealer, load_identity
+from edgespeed.security.ratelimit import PeerLimiter
 from edgespeed.transport.base import Transport, Will
 from edgespeed.transport.mqtt import MqttTransport
 
@@ -87,6 +88,7 @@ class Device:
         self.config = config
         self.epoch = time.time_ns()
         self.dropped = 0  # messages refused or that could not be handled
+        self._peer_limits = PeerLimiter(*PEER_STAGE_LIMIT)  # stage tasks each peer may forward us
         self._transport = transport
         self._remote = RemoteConfig(config)
         self._parts: _Parts | None = None
@@ -318,7 +320,9 @@ class Device:
                 parts.installer.feed(body)
             return
         if isinstance(body, Task):
-            if envelope.sender != self.config.coordinator and not self._forwarded_ok(body, parts.installer.models):
+            if envelope.sender != self.config.coordinator and not self._forwarded_ok(
+                body, envelope.sender, parts.installer.models
+            ):
                 self.dropped += 1
                 log.warning(
                     "refused a task for %s from %s: peers only forward split-model stages",
@@ -331,17 +335,22 @@ class Device:
             elif not parts.runner.take(body, envelope.sender):
                 parts.delivery.refuse(body, envelope.sender, "queue_full", "the device's task queue is full")
 
-    def _forwarded_ok(self, task: Task, models: dict[str, LoadedModel]) -> bool:
+    def _forwarded_ok(self, task: Task, sender: str, models: dict[str, LoadedModel]) -> bool:
         """Whether a task from a peer device is the next stage of a split model (answering the coordinator).
 
         Any fleet member can seal a task for us; only the coordinator may have us run whole models or
-        answer elsewhere. A stage not loaded yet is let through: it gets ``model_missing`` (to the
-        coordinator), which re-places it.
+        answer elsewhere, and each peer may forward at most its allowance (`PEER_STAGE_LIMIT`). A stage
+        not loaded yet is let through: it gets ``model_missing`` (to the coordinator), which re-places it.
         """
         if task.reply_to != self.config.coordinator:
             return False
         model = models.get(task.model_id)
-        return model is None or model.stage >= 2
+        return (model is None or model.stage >= 2) and self._peer_limits.allow(sender)
+
+
+# What one peer may make this device run: stage tasks a second, and at once. A pipeline's honest
+# stage forwards what the coordinator gave the stage before it, far under this.
+PEER_STAGE_LIMIT = (500.0, 200.0)
 
 
 def _fields(card: Any) -> dict[str, Any]:

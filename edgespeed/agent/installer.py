@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -29,18 +30,23 @@ from edgespeed.agent.config import AgentConfig
 from edgespeed.agent.delivery import Delivery
 from edgespeed.engine.base import Backend, ModelSpec
 from edgespeed.engine.registry import available_backends, backend_class
-from edgespeed.errors import BackendError, EdgeSpeedError
+from edgespeed.errors import BackendError, BlobError, EdgeSpeedError, TransportError
 from edgespeed.pipeline import Pipeline
 from edgespeed.protocol.formats import BACKEND_ORDER, backends_for
 from edgespeed.protocol.messages import Chunk, Error, ModelManifest, ModelStatus
 from edgespeed.security import KeyDirectory, Sealer, iter_decrypted, verify_manifest
 from edgespeed.security.blobcrypt import TAG_SIZE
-from edgespeed.transfer import fetch_from
+from edgespeed.transfer import chunk_verifier, fetch_from
 from edgespeed.transport.base import Transport
 
 __all__ = ["Installer", "LoadedModel", "PendingManifests"]
 
 log = logging.getLogger(__name__)
+
+# A failed download is tried again after 2, 4, 8, ... seconds (at most 5 minutes apart), 8 times.
+RETRY_BASE_S = 2.0
+RETRY_CAP_S = 300.0
+RETRIES = 8
 
 # A model whose runs take less than this (moving average) runs on the event loop:
 # the hop to a worker thread would cost more than the run.
@@ -137,6 +143,7 @@ class Installer:
         self._transport = transport
         self._delivery = delivery
         self._fetches: dict[str, asyncio.Queue[Chunk | Error | None]] = {}
+        self._attempts: dict[tuple[str, int], int] = {}  # failed downloads of a version, for the backoff
 
     def offer(self, manifest: ModelManifest) -> None:
         """Install a manifest when the installer gets to it (never refused: see `PendingManifests`)."""
@@ -169,8 +176,26 @@ class Installer:
             reason = getattr(exc, "reason", type(exc).__name__)
             log.warning("model %s v%d not installed: %s", manifest.model_id, manifest.version, exc)
             status = ModelStatus(manifest.model_id, manifest.version, "failed", reason=str(reason))
+            if isinstance(exc, TransportError | BlobError):
+                self._retry_later(manifest)
+        else:
+            self._attempts.pop((manifest.model_id, manifest.version), None)
         if status is not None:
             await self._delivery.send(self._config.coordinator, status)
+
+    def _retry_later(self, manifest: ModelManifest) -> None:
+        """A download that failed (a broker away, a server gone quiet) is tried again, with backoff.
+
+        The failure is reported meanwhile, so the rollout shows it; a later success reports ready.
+        """
+        attempt = self._attempts.get((manifest.model_id, manifest.version), 0) + 1
+        if attempt > RETRIES:
+            log.error("model %s v%d: giving up after %d attempts", manifest.model_id, manifest.version, RETRIES)
+            return
+        self._attempts[(manifest.model_id, manifest.version)] = attempt
+        delay = min(RETRY_CAP_S, RETRY_BASE_S * 2 ** (attempt - 1)) * random.uniform(0.8, 1.2)
+        log.info("model %s v%d: download tried again in %.0f s", manifest.model_id, manifest.version, delay)
+        asyncio.get_running_loop().call_later(delay, self.pending.offer, manifest)
 
     async def install(self, manifest: ModelManifest) -> ModelStatus | None:
         """Install one manifest; None when there is nothing to do or to report.
@@ -189,6 +214,10 @@ class Installer:
         variant, backend_name = self._choose(manifest)
         shard = next(s for s in manifest.shards if s.name == variant["shard"])
         path = self._cache.path(manifest, shard)
+        key = None
+        if manifest.keys:
+            wrapped = manifest.keys[cfg.device_id]
+            key = self._sealer.unwrap_key(manifest.signer, wrapped, context=f"{manifest.model_id}/{manifest.version}")
         if not path.exists():
             queue: asyncio.Queue[Chunk | Error | None] = asyncio.Queue(64)
             self._fetches[shard.name] = queue
@@ -201,12 +230,13 @@ class Installer:
                     fleet=cfg.fleet,
                     device_id=cfg.device_id,
                     timeout=cfg.fetch_timeout,
+                    # Each chunk is checked against the content key as it arrives: a forged one is
+                    # dropped and asked for again, never written, never able to fail the install.
+                    verify=chunk_verifier(shard, key) if key is not None else None,
                 )
             finally:
                 del self._fetches[shard.name]
-        if manifest.keys:
-            wrapped = manifest.keys[cfg.device_id]
-            key = self._sealer.unwrap_key(manifest.signer, wrapped, context=f"{manifest.model_id}/{manifest.version}")
+        if key is not None:
             source: Any = b"".join(
                 iter_decrypted(path, key, blob_id=shard.name, chunk_size=shard.chunk_size - TAG_SIZE)
             )

@@ -29,7 +29,7 @@ from edgespeed.agent.delivery import Delivery
 from edgespeed.agent.installer import LoadedModel
 from edgespeed.errors import BackendError, EdgeSpeedError
 from edgespeed.protocol.messages import Result, Task
-from edgespeed.protocol.tensor import decode_tensor, encode_tensor, encode_with_codec
+from edgespeed.protocol.tensor import DEFAULT_MAX_TENSOR_BYTES, decode_tensor, encode_tensor, encode_with_codec
 
 __all__ = ["Job", "Runner"]
 
@@ -45,6 +45,17 @@ class Job:
     task: Task
     sender: str
     received: float
+
+
+# An input may decode to at most this many times its size on the wire (and never past the codec's own cap):
+# real tensors shrink 2-10x with the codecs (fp16, int8, zstd, lz4); a decompression bomb shrinks 1000x and
+# more, and is refused from its header before anything is allocated.
+MAX_INFLATION = 64
+
+
+def inflation_bound(encoded: bytes) -> int:
+    """The most bytes an input of ``len(encoded)`` bytes may decode to here."""
+    return min(DEFAULT_MAX_TENSOR_BYTES, max(1 << 20, MAX_INFLATION * len(encoded)))
 
 
 class Runner:
@@ -161,7 +172,9 @@ class Runner:
                 )
             else:
                 try:
-                    ready.append((job, [model.pre(decode_tensor(x)) for x in task.inputs]))
+                    ready.append(
+                        (job, [model.pre(decode_tensor(x, max_bytes=inflation_bound(x))) for x in task.inputs])
+                    )
                 except EdgeSpeedError as exc:
                     await self._delivery.fail(task, job.sender, "bad_input", str(exc))
         if not ready or model is None:

@@ -177,3 +177,53 @@ async def test_only_the_coordinators_own_session_writes_its_presence(
             pass
         with pytest.raises(TimeoutError):
             await take(watcher, 1, timeout=1.0)  # it said nothing: the coordinator is still there
+
+
+async def test_a_member_spraying_forged_chunks_during_a_rollout_cannot_break_it(
+    secure_broker: EmbeddedBroker, pki: Pki, digits: DigitsModel, tmp_path: Path
+) -> None:
+    """Chunks travel unsealed (they are ciphertext); a rogue writes forged ones, well-formed and at the right
+    offsets, into the installing device's inbox as fast as it can. Before: the install failed (blob_hash)."""
+    import hashlib
+    import os
+
+    from edgespeed.protocol.messages import Chunk, ModelManifest
+
+    async with (
+        rogue(secure_broker, pki) as member,
+        Coordinator(coordinator_config(secure_broker, pki, tmp_path / "coord")) as c,
+    ):
+        await member.transport.subscribe(topics.model_filter(FLEET))
+        spraying = True
+        sprayed = 0
+
+        async def spray() -> None:
+            nonlocal sprayed
+            async for message in member.transport.messages():
+                _, manifest = open_message(message.payload)
+                if isinstance(manifest, ModelManifest):
+                    break
+            shard = manifest.shards[0]
+            while spraying:
+                for offset in range(0, shard.size, shard.chunk_size):
+                    data = os.urandom(min(shard.chunk_size, shard.size - offset))
+                    forged = Chunk(shard.name, offset, data, hashlib.sha256(data).digest())
+                    await member.transport.publish(
+                        topics.device_inbox(FLEET, "dev-a"), pack_message(forged, sender="coord")
+                    )
+                    sprayed += 1
+                await asyncio.sleep(0)
+
+        a = agent_config(secure_broker, pki, "dev-a", tmp_path / "a", backends=("onnx",))
+        async with Device(a):
+            await c.wait_for_devices(1, devices=["dev-a"])
+            attack = asyncio.create_task(spray())
+            try:
+                report = await c.publish_model([digits.onnx], name="digits", timeout=90)
+            finally:
+                spraying = False
+                await asyncio.wait_for(attack, 30)
+            assert report.ok, report
+            assert sprayed > 0
+            out = await c.infer("digits", digits.x_test[:4])
+            np.testing.assert_allclose(out, digits.reference[:4], atol=1e-4)

@@ -400,3 +400,48 @@ def test_edgespeed_device_run_exits_1_when_a_part_fails(
     result = CliRunner().invoke(cli.app, ["run", "--config", str(toml)])
     assert result.exit_code == 1, result.output
     assert "heartbeat part failed" in result.output
+
+
+# -- hostile inputs and failed downloads ----------------------------------------
+
+
+async def test_an_input_that_would_inflate_far_past_its_size_is_refused_before_anything_is_allocated(
+    coordinator: Coordinator, pki: Pki, tmp_path: Path
+) -> None:
+    """Before: an 8 KB tensor declaring 256 MiB was inflated in the agent (+257 MB of memory)."""
+    from edgespeed.protocol.tensor import Compression
+
+    async with memory_agent(coordinator.broker, agent_config(pki, tmp_path / "state")) as device:
+        await coordinator.publish_model("m", 1, tiny_onnx(2.0, width=4), [DEVICE])
+        await until(lambda: device.models == {"m": 1}, "the model installed")
+        bomb = encode_tensor(np.zeros((16 * 1024 * 1024, 4), np.float32), compression=Compression.ZSTD)
+        assert len(bomb) < 64 * 1024
+        deadline = time.time_ns() // 1_000_000 + 120_000
+        await coordinator.send(Task("bomb", 0, "m", deadline, (bomb,)))
+        answer = await coordinator.wait_for(lambda: coordinator.answers().get("bomb"), "an answer to the bomb")
+        assert isinstance(answer, Error) and answer.code == "bad_input", answer
+        # An honest compressed input of the same model still runs.
+        x = np.ones((64, 4), np.float32)
+        await coordinator.send(Task("fine", 0, "m", deadline, (encode_tensor(x, compression=Compression.ZSTD),)))
+        result = await coordinator.wait_for(lambda: coordinator.answers().get("fine"), "an answer")
+        assert isinstance(result, Result), result
+
+
+async def test_a_download_that_fails_is_reported_and_tried_again_until_it_succeeds(
+    pki: Pki, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before: a failed download was reported once and never tried again; the model never came."""
+    from edgespeed.agent import installer
+
+    monkeypatch.setattr(installer, "RETRY_BASE_S", 0.2)
+    async with Coordinator(MemoryBroker(), pki) as coord:
+        serving = coord.server
+        coord.server = BlobServer(MemoryTransport(coord.broker, "nobody"), fleet=FLEET, server_id="coord")
+        await coord.publish_model("late", 1, tiny_onnx(3.0), [DEVICE])  # its chunks served by nobody yet
+        config = agent_config(pki, tmp_path / "state", fetch_timeout=1.0)
+        async with memory_agent(coord.broker, config) as device:
+            await coord.wait_for(lambda: coord.statuses("failed").get("late"), "the failed download reported")
+            for source in coord.server._sources.values():
+                serving.add(source)  # the server has the blob now
+            await until(lambda: device.models == {"late": 1}, "the model installed on a later attempt")
+            await coord.wait_for(lambda: coord.statuses("ready").get("late"), "ready reported")
