@@ -48,6 +48,11 @@ class CoordinatorConfig:
             answers with more (or with anything the model does not declare) gets no more work.
         mqtt_protocol: ``auto`` (MQTT 5 where the broker speaks it, else 3.1.1), ``5`` or ``3.1.1``
             (saves the probe, up to 2 s a connection, with a broker that speaks only 3.1.1).
+        data_key_file: an absolute path to the data key (32 raw bytes or 64 hex digits, mode 0600) that
+            encrypts the ledger's task inputs, outputs and error messages and the model store's content keys;
+            keep it off the data disk. Empty: the systemd credential ``edgespeed-data-key`` if given, else
+            ``data.key`` made in ``state_dir`` (for a PostgreSQL ledger: a key kept in the ledger's tables).
+            Coordinators sharing a PostgreSQL ledger need the same key (the same file or credential on each).
     """
 
     fleet: str
@@ -69,6 +74,7 @@ class CoordinatorConfig:
     split_objective: str = "throughput"
     max_result_bytes: int = 256 * 1024 * 1024
     mqtt_protocol: Literal["auto", "5", "3.1.1"] = "auto"
+    data_key_file: str = ""
 
     def __post_init__(self) -> None:
         try:
@@ -91,6 +97,8 @@ class CoordinatorConfig:
             raise ConfigError(f"mqtt_protocol is auto, 5 or 3.1.1, not {self.mqtt_protocol!r}")
         if self.max_result_bytes < 1:
             raise ConfigError("max_result_bytes must be at least 1")
+        if self.data_key_file and not Path(self.data_key_file).is_absolute():
+            raise ConfigError(f"data_key_file must be an absolute path, not {self.data_key_file!r}")
         if self.shared_group and not self.ledger:
             raise ConfigError("shared_group needs a ledger the coordinators share (a PostgreSQL connection string)")
 

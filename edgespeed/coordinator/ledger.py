@@ -11,6 +11,12 @@ and an attempt number), then ``done`` with the first result that arrives or
 task whose lease runs out is due again. Results are accepted only for an
 attempt that was given to the device that answers.
 
+Task inputs, outputs and error messages are sealed under the coordinator's data key (see
+`ledger_rows.Payloads`); the ledger keeps a value sealed under it and refuses a key that cannot open it,
+so coordinators sharing a PostgreSQL ledger must share the key (the same ``data_key_file`` or systemd
+credential on each). Given no key, a SQLite ledger uses ``data.key`` beside its file and a PostgreSQL
+ledger one it keeps in its own tables: the weakest choices, logged as such.
+
 The API is synchronous (a call is a short transaction); async callers use
 ``asyncio.to_thread`` so the event loop never waits on the database.
 """
@@ -20,19 +26,17 @@ from __future__ import annotations
 import abc
 import asyncio
 import contextlib
-import enum
 import re
+import secrets
 import sqlite3
 import threading
-import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-import msgpack
-
+from edgespeed.coordinator.ledger_rows import Payloads, TaskRecord, TaskState, now_ms
 from edgespeed.errors import ConfigError, MissingDependencyError
+from edgespeed.security.atrest import DataKey, configured_key, load_data_key, private_database, stored_key
 
 if TYPE_CHECKING:
     from edgespeed.coordinator.config import CoordinatorConfig
@@ -52,49 +56,6 @@ _PREFIX = re.compile(r"[a-z_][a-z0-9_]{0,30}")
 _OPEN = ("pending", "dispatched")
 
 
-def now_ms() -> int:
-    """Unix time in milliseconds."""
-    return time.time_ns() // 1_000_000
-
-
-class TaskState(enum.Enum):
-    """Where a task is."""
-
-    PENDING = "pending"
-    DISPATCHED = "dispatched"
-    DONE = "done"
-    FAILED = "failed"
-
-
-@dataclass(frozen=True, slots=True)
-class TaskRecord:
-    """A task as the ledger holds it."""
-
-    task_id: str
-    model_id: str
-    inputs: tuple[bytes, ...]
-    deadline_ms: int
-    state: TaskState
-    attempt: int
-    device_id: str | None
-    lease_until_ms: int
-    outputs: tuple[bytes, ...] | None
-    error_code: str | None
-    error_message: str | None
-    created_ms: int
-    pin: str | None = None  # the only device it may run on (``device=`` at submission)
-
-
-def _pack(items: Sequence[bytes]) -> bytes:
-    return msgpack.packb([bytes(i) for i in items], use_bin_type=True)  # type: ignore[no-any-return]
-
-
-def _unpack(blob: bytes | memoryview | None) -> tuple[bytes, ...] | None:
-    if blob is None:
-        return None
-    return tuple(msgpack.unpackb(bytes(blob), raw=False))
-
-
 class Ledger(abc.ABC):
     """Tasks, attempts, results and rollouts, durably. Subclasses supply the connection."""
 
@@ -111,6 +72,7 @@ class Ledger(abc.ABC):
         self._a = f"{prefix}_attempts"
         self._r = f"{prefix}_rollouts"
         self._s = f"{prefix}_splits"
+        self._k = f"{prefix}_keys"
         # Reentrant: a transaction holds it while its statements run.
         self._lock = threading.RLock()
 
@@ -122,7 +84,7 @@ class Ledger(abc.ABC):
     def _transaction(self) -> contextlib.AbstractContextManager[None]:
         """Run the statements inside as one transaction: all or none."""
 
-    def _schema(self) -> None:
+    def _schema(self, key: DataKey | None) -> None:
         b = self._blob
         self._run(
             f"CREATE TABLE IF NOT EXISTS {self._t} (task_id TEXT PRIMARY KEY, model_id TEXT NOT NULL, "
@@ -144,7 +106,36 @@ class Ledger(abc.ABC):
             f"CREATE TABLE IF NOT EXISTS {self._s} (name TEXT NOT NULL, version BIGINT NOT NULL, "
             "spec TEXT NOT NULL, updated_ms BIGINT NOT NULL, PRIMARY KEY (name, version))"
         )
+        self._run(f"CREATE TABLE IF NOT EXISTS {self._k} (name TEXT PRIMARY KEY, value {b} NOT NULL)")
         self._add_column(self._t, "pin", "TEXT")
+        self._p = self._open_key(key)
+
+    def _open_key(self, key: DataKey | None) -> Payloads:
+        """The payloads' sealer, its key checked against the ledger's; the first open seals older clear rows.
+
+        Raises:
+            AtRestError: the ledger's values were sealed under another key.
+        """
+        with self._transaction():
+            if key is None:  # a database keeping its own key (PostgreSQL given none)
+                raw = secrets.token_bytes(32)
+                self._run(
+                    f"INSERT INTO {self._k} (name, value) VALUES ('key', ?) ON CONFLICT (name) DO NOTHING", (raw,)
+                )
+                stored = self._run(f"SELECT value FROM {self._k} WHERE name = 'key'")[0][0]
+                key = stored_key(bytes(stored), f"the ledger's table {self._k}")
+            payloads = Payloads(key, self._t)
+            if self._run(
+                f"INSERT INTO {self._k} (name, value) VALUES ('check', ?) ON CONFLICT (name) DO NOTHING RETURNING name",
+                (payloads.check_value(),),
+            ):
+                for row in self._run(f"SELECT task_id, inputs, outputs, error_message FROM {self._t}"):
+                    if (sealed := payloads.legacy(row)) is not None:
+                        sql = f"UPDATE {self._t} SET inputs = ?, outputs = ?, error_message = ? WHERE task_id = ?"
+                        self._run(sql, sealed)
+            else:
+                payloads.check(self._run(f"SELECT value FROM {self._k} WHERE name = 'check'")[0][0])
+        return payloads
 
     @abc.abstractmethod
     def _add_column(self, table: str, column: str, kind: str) -> None:
@@ -165,7 +156,7 @@ class Ledger(abc.ABC):
             f"INSERT INTO {self._t} (task_id, model_id, inputs, deadline_ms, state, attempt, lease_until_ms, "
             "created_ms, updated_ms, pin) VALUES (?, ?, ?, ?, 'pending', 0, 0, ?, ?, ?) "
             "ON CONFLICT (task_id) DO NOTHING RETURNING task_id",
-            (task_id, model_id, _pack(inputs), deadline_ms, now, now, pin),
+            (task_id, model_id, self._p.seal(task_id, "inputs", inputs), deadline_ms, now, now, pin),
         )
         return bool(rows)
 
@@ -184,13 +175,13 @@ class Ledger(abc.ABC):
 
         False, and nothing changes, if the id is already known.
         """
-        now = now_ms()
+        now, sealed = now_ms(), self._p.seal(task_id, "inputs", inputs)
         with self._transaction():
             rows = self._run(
                 f"INSERT INTO {self._t} (task_id, model_id, inputs, deadline_ms, state, attempt, device_id, "
                 "lease_until_ms, created_ms, updated_ms, pin) VALUES (?, ?, ?, ?, 'dispatched', 1, ?, ?, ?, ?, ?) "
                 "ON CONFLICT (task_id) DO NOTHING RETURNING task_id",
-                (task_id, model_id, _pack(inputs), deadline_ms, device_id, now + lease_ms, now, now, pin),
+                (task_id, model_id, sealed, deadline_ms, device_id, now + lease_ms, now, now, pin),
             )
             if not rows:
                 return False
@@ -251,7 +242,7 @@ class Ledger(abc.ABC):
         rows = self._run(
             f"UPDATE {self._t} SET state = 'failed', error_code = ?, error_message = ?, updated_ms = ? "
             "WHERE task_id = ? AND state IN ('pending', 'dispatched') RETURNING task_id",
-            (code, message, now_ms(), task_id),
+            (code, self._p.seal_message(task_id, message), now_ms(), task_id),
         )
         return bool(rows)
 
@@ -275,7 +266,7 @@ class Ledger(abc.ABC):
         rows = self._run(
             f"UPDATE {self._t} SET state = 'done', outputs = ?, device_id = ?, updated_ms = ? "
             "WHERE task_id = ? AND state IN ('pending', 'dispatched') AND deadline_ms >= ? RETURNING task_id",
-            (_pack(outputs), device_id, now, task_id, now),
+            (self._p.seal(task_id, "outputs", outputs), device_id, now, task_id, now),
         )
         return bool(rows)
 
@@ -286,7 +277,7 @@ class Ledger(abc.ABC):
         rows = self._run(
             f"UPDATE {self._t} SET state = 'failed', error_code = ?, error_message = ?, updated_ms = ? "
             "WHERE task_id = ? AND state IN ('pending', 'dispatched') RETURNING task_id",
-            (code, message, now_ms(), task_id),
+            (code, self._p.seal_message(task_id, message), now_ms(), task_id),
         )
         return bool(rows)
 
@@ -309,12 +300,12 @@ class Ledger(abc.ABC):
             "(state = 'pending' OR (state = 'dispatched' AND lease_until_ms <= ?)) ORDER BY created_ms LIMIT ?",
             (now, now, limit),
         )
-        return [self._record(r) for r in rows]
+        return [self._p.record(r) for r in rows]
 
     def get(self, task_id: str) -> TaskRecord | None:
         """A task by id."""
         rows = self._run(f"SELECT {self._columns} FROM {self._t} WHERE task_id = ?", (task_id,))
-        return self._record(rows[0]) if rows else None
+        return self._p.record(rows[0]) if rows else None
 
     def ended(self, task_ids: Sequence[str]) -> list[TaskRecord]:
         """The tasks among ``task_ids`` that have ended (done or failed), by whoever ended them."""
@@ -327,32 +318,13 @@ class Ledger(abc.ABC):
                 f"SELECT {self._columns} FROM {self._t} WHERE task_id IN ({marks}) AND state IN ('done', 'failed')",
                 part,
             )
-            out += [self._record(r) for r in rows]
+            out += [self._p.record(r) for r in rows]
         return out
 
     def counts(self) -> dict[str, int]:
         """How many tasks are in each state."""
         found = {str(s): int(n) for s, n in self._run(f"SELECT state, COUNT(*) FROM {self._t} GROUP BY state")}
         return {state.value: found.get(state.value, 0) for state in TaskState}
-
-    @staticmethod
-    def _record(row: tuple[Any, ...]) -> TaskRecord:
-        inputs = _unpack(row[2]) or ()
-        return TaskRecord(
-            task_id=str(row[0]),
-            model_id=str(row[1]),
-            inputs=inputs,
-            deadline_ms=int(row[3]),
-            state=TaskState(row[4]),
-            attempt=int(row[5]),
-            device_id=row[6],
-            lease_until_ms=int(row[7]),
-            outputs=_unpack(row[8]),
-            error_code=row[9],
-            error_message=row[10],
-            created_ms=int(row[11]),
-            pin=row[12],
-        )
 
     # -- rollouts ------------------------------------------------------------
 
@@ -396,18 +368,19 @@ class SqliteLedger(Ledger):
     """The ledger in a SQLite file (WAL mode), for one coordinator.
 
     Args:
-        path: the database file.
+        path: the database file (made mode 0600, its -wal and -shm too).
         prefix: table name prefix.
+        key: the data key; None: the one in ``data.key`` beside the file (made on first use).
     """
 
-    def __init__(self, path: Path, *, prefix: str = "es") -> None:
+    def __init__(self, path: Path, *, prefix: str = "es", key: DataKey | None = None) -> None:
         super().__init__(prefix)
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+        key = key or load_data_key(Path(path).parent)  # makes the folder, mode 0700
+        self._db = sqlite3.connect(str(private_database(Path(path))), check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute("PRAGMA busy_timeout=5000")
-        self._schema()
+        self._schema(key)
 
     def _run(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         with self._lock:
@@ -439,18 +412,20 @@ class PostgresLedger(Ledger):
         dsn: a libpq connection string, e.g. ``host=db dbname=edgespeed user=coord``.
         prefix: table name prefix (several fleets may share a database).
         connect_timeout: seconds.
+        key: the data key, the same for every coordinator sharing the ledger; None: one the ledger keeps
+            in its own tables (made by the first coordinator), so a copy of the database reveals everything.
     """
 
     _blob = "BYTEA"
 
-    def __init__(self, dsn: str, *, prefix: str = "es", connect_timeout: int = 10) -> None:
+    def __init__(self, dsn: str, *, prefix: str = "es", connect_timeout: int = 10, key: DataKey | None = None) -> None:
         super().__init__(prefix)
         try:
             import psycopg
         except ImportError as exc:
             raise MissingDependencyError("psycopg", "postgres") from exc
         self._db = psycopg.connect(dsn, autocommit=True, connect_timeout=connect_timeout)
-        self._schema()
+        self._schema(key)
 
     def _run(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         with self._lock:
@@ -467,7 +442,7 @@ class PostgresLedger(Ledger):
 
     def drop(self) -> None:
         """Remove this ledger's tables (tests, decommissioning)."""
-        for table in (self._t, self._a, self._r, self._s):
+        for table in (self._t, self._a, self._r, self._s, self._k):
             self._run(f"DROP TABLE IF EXISTS {table}")
 
     def close(self) -> None:
@@ -475,10 +450,12 @@ class PostgresLedger(Ledger):
 
 
 def open_ledger(config: CoordinatorConfig) -> Ledger:
-    """The ledger the configuration names: PostgreSQL for a connection string, else SQLite in ``state_dir``."""
+    """The ledger the configuration names: PostgreSQL for a connection string, else SQLite in ``state_dir``;
+    its data key from ``data_key_file`` or the systemd credential, else the weakest choice (see the classes)."""
     if config.ledger:
-        return PostgresLedger(config.ledger, prefix=config.ledger_prefix)
-    return SqliteLedger(config.state_dir / "ledger.db", prefix=config.ledger_prefix)
+        return PostgresLedger(config.ledger, prefix=config.ledger_prefix, key=configured_key(config.data_key_file))
+    key = load_data_key(config.state_dir, config.data_key_file)
+    return SqliteLedger(config.state_dir / "ledger.db", prefix=config.ledger_prefix, key=key)
 
 
 T = TypeVar("T")

@@ -20,7 +20,8 @@ from edgespeed.coordinator.store import ModelStore
 from edgespeed.coordinator.tasks import TaskTable
 from edgespeed.protocol import topics
 from edgespeed.protocol.messages import Task
-from edgespeed.security import KeyDirectory, ReplayGuard, Sealer, load_identity
+from edgespeed.security import KeyDirectory, ReplayGuard, Sealer, load_data_key, load_identity
+from edgespeed.security.atrest import private_database, private_dir
 from edgespeed.transfer import BlobServer
 from edgespeed.transport.base import Transport, Will
 from edgespeed.transport.mqtt import MqttTransport
@@ -62,15 +63,15 @@ async def open_parts(
     """Identity, keys, store, ledger and transport, and the subsystems over them (nothing connects yet)."""
     cfg = config
     primary = client_id == cfg.coordinator_id
-    cfg.state_dir.mkdir(parents=True, exist_ok=True)
+    private_dir(cfg.state_dir)  # mode 0700; its files 0600
     identity = load_identity(cfg.pki_dir, cfg.coordinator_id, ca_file=cfg.pki_dir / "ca.crt")
     directory = KeyDirectory(cfg.pki_dir / "ca.crt")
     directory.add_directory(cfg.pki_dir)
     # The primary keeps its replay window across restarts; a short-lived client seals on a lane of its own.
-    replay = ReplayGuard(cfg.state_dir / "replay.db") if primary else ReplayGuard()
+    replay = ReplayGuard(private_database(cfg.state_dir / "replay.db")) if primary else ReplayGuard()
     lane = 0 if primary else secrets.randbelow(255) + 1
     sealer = Sealer(cfg.coordinator_id, identity.seal_key(), directory, replay=replay, lane=lane)
-    store = ModelStore(cfg.state_dir / "models")
+    store = ModelStore(cfg.state_dir / "models", key=load_data_key(cfg.state_dir, cfg.data_key_file))
     own_ledger = ledger is None
     the_ledger: Ledger = ledger if ledger is not None else await asyncio.to_thread(open_ledger, cfg)
     link: Transport = transport or MqttTransport(cfg.mqtt(client_id, will=will, persistent=primary))

@@ -142,6 +142,10 @@ class Registry:
         """Devices to place work on: online, and not quarantined."""
         return [d for d in self.devices(DeviceStatus.ONLINE) if d.device_id not in self._quarantined]
 
+    def placeable(self, info: DeviceInfo) -> bool:
+        """Whether work may go to this device now: online, and not quarantined."""
+        return info.status is DeviceStatus.ONLINE and info.device_id not in self._quarantined
+
     def quarantine(self, device_id: str, reason: str) -> None:
         """Give a device no more work (it answered with results that do not match the model)."""
         self._quarantined.setdefault(device_id, reason)

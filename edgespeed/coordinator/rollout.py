@@ -181,9 +181,25 @@ class Rollouts:
         entry = self._models.get(split.shards[-1] if split is not None else model_id)
         return entry.manifest.outputs if entry is not None else ()
 
+    def placeable(self, model_id: str) -> list[DeviceInfo]:
+        """Online devices that run ``model_id`` now, by id.
+
+        Found from the devices that reported the model (a handful), not by scanning the fleet: placing a
+        task costs the same with ten devices or ten thousand.
+        """
+        entry = self._models.get(model_id)
+        if entry is None:
+            return []
+        found = []
+        for device_id in sorted(entry.ready | entry.status.keys()):
+            info = self.registry.get(device_id)
+            if info is not None and self.registry.placeable(info) and self.runs(info, model_id):
+                found.append(info)
+        return found
+
     def devices_for(self, model_id: str) -> list[str]:
         """Online devices that run ``model_id`` now."""
-        return [d.device_id for d in self.registry.online() if self.runs(d, model_id)]
+        return [d.device_id for d in self.placeable(model_id)]
 
     def newest(self, model_id: str) -> int:
         known = self._models.get(model_id)

@@ -256,7 +256,7 @@ class Scheduler:
     def _choose(self, record: TaskRecord, live: LiveTask) -> tuple[str | None, tuple[str, str] | None]:
         """A device for the task; or None and, when no device ever could, the error to end it with."""
         model, pinned = record.model_id, record.pin
-        ready = [d for d in self.registry.online() if self.rollouts.runs(d, model)]
+        ready = self.rollouts.placeable(model)
         if pinned is not None:
             ready = [d for d in ready if d.device_id == pinned]
         cap = self.config.max_inflight
