@@ -97,6 +97,7 @@ class MqttTransport(Transport):
         self._generation = 0
         self._broker_max_packet: int | None = None
         self._queue: collections.deque[_Incoming] = collections.deque()
+        self._hard_bound = config.queue_size + max(config.queue_size, 64)  # see _hold_reads
         self._has_messages = asyncio.Event()
         self._connected = asyncio.Event()
         self._disconnected = asyncio.Event()
@@ -382,6 +383,7 @@ class MqttTransport(Transport):
                 return
             fut = self._loop.create_future()
             self._pending_pub[info.mid] = (fut, topic)
+            self._read_for_acks()
             try:
                 async with asyncio_timeout(max(deadline - time.monotonic(), 0.0)):
                     await fut
@@ -394,6 +396,7 @@ class MqttTransport(Transport):
 
     def _on_publish(self, client: paho.Client, userdata: Any, mid: int, reason: Any, properties: Any) -> None:
         pending = self._pending_pub.pop(mid, None)
+        self._hold_reads()  # the last acknowledgement awaited: a full queue stops reads again
         if pending is None or pending[0].done():
             return
         fut, topic = pending
@@ -435,6 +438,7 @@ class MqttTransport(Transport):
         rc, mid = self._client.subscribe(items)
         if rc == MQTTErrorCode.MQTT_ERR_SUCCESS and mid is not None:
             self._pending_sub[mid] = fut
+            self._read_for_acks()
         else:
             fut.set_exception(NotConnectedError(f"subscribe failed: {paho.error_string(rc)}"))
             fut.exception()  # the reconnect path renews it; mark as retrieved
@@ -442,6 +446,7 @@ class MqttTransport(Transport):
 
     def _on_subscribe(self, client: paho.Client, userdata: Any, mid: int, codes: list[Any], properties: Any) -> None:
         fut = self._pending_sub.pop(mid, None)
+        self._hold_reads()
         if fut is not None and not fut.done():
             fut.set_result(list(codes))
 
@@ -457,6 +462,7 @@ class MqttTransport(Transport):
             return
         fut: asyncio.Future[list[Any]] = self._loop.create_future()
         self._pending_sub[mid] = fut
+        self._read_for_acks()
         try:
             async with asyncio_timeout(self.config.publish_timeout):
                 await fut
@@ -475,9 +481,30 @@ class MqttTransport(Transport):
         message = Message(msg.topic, payload, msg.qos, bool(msg.retain))
         self._queue.append(_Incoming(message, msg.mid, self._generation))
         self._has_messages.set()
-        if len(self._queue) >= self.config.queue_size:
+        self._hold_reads()
+
+    def _read_for_acks(self) -> None:
+        """An acknowledgement is awaited: read on (within twice the queue's size) so that it arrives."""
+        if len(self._queue) < self._hard_bound:
+            self._driver.resume()
+
+    def _hold_reads(self) -> None:
+        """Stop reading the socket once the incoming queue is full, so the broker and TCP hold the rest.
+
+        While a publish or subscribe of ours awaits its acknowledgement, reading goes on, within a hard
+        bound: an acknowledgement behind unread messages would otherwise never be read, and a program that
+        publishes while it handles a message (a coordinator welcoming a burst of devices) would stall until
+        its publish timed out. With MQTT 5 the broker sends at most ``queue_size`` unacknowledged messages
+        (the receive maximum), so reading on brings in acknowledgements only; an MQTT 3.1.1 broker sends
+        up to its own in-flight window (Mosquitto's ``max_inflight_messages``: 64 in the configurations
+        EdgeSpeed renders), which the hard bound leaves room for.
+        """
+        n = len(self._queue)
+        if n >= self._hard_bound or (
+            n >= self.config.queue_size and not self._pending_pub and not self._pending_sub
+        ):
             self._driver.pause()
-            log.debug("incoming queue full (%d); pausing reads", len(self._queue))
+            log.debug("incoming queue full (%d); pausing reads", n)
 
     async def messages(self) -> AsyncIterator[Message]:
         self._check_open()

@@ -82,6 +82,29 @@ async def test_full_queue_pauses_reading_and_loses_nothing(broker: EmbeddedBroke
         assert sorted(int(m.payload) for m in got) == list(range(200))
 
 
+@pytest.mark.parametrize("protocol", ["5", "3.1.1"])
+async def test_a_full_queue_still_lets_our_own_publish_be_acknowledged(
+    broker: EmbeddedBroker, prefix: str, client_id: str, protocol: str
+) -> None:
+    """A program that publishes while it handles a message (a coordinator welcoming a burst of devices) with
+    its incoming queue full: the PUBACK sits behind unread messages. Before: reads were paused, the PUBACK
+    was never read, and the publish waited out its timeout."""
+    async with (
+        MqttTransport(mqtt_config(broker.url, client_id, queue_size=8, protocol=protocol)) as busy,
+        MqttTransport(mqtt_config(broker.url, client_id + "p")) as pub,
+    ):
+        await busy.subscribe(f"{prefix}/burst")
+        await asyncio.gather(*(pub.publish(f"{prefix}/burst", b"%d" % i) for i in range(100)))
+        for _ in range(200):  # the queue fills; nothing is handed over yet
+            if len(busy._queue) >= 8:
+                break
+            await asyncio.sleep(0.02)
+        await busy.publish(f"{prefix}/elsewhere", b"welcome")  # the test config allows 10 s
+        assert len(busy._queue) <= 8 + 64  # still bounded (see MqttTransport._hold_reads)
+        got = await take(busy, 100)
+        assert sorted(int(m.payload) for m in got) == list(range(100))
+
+
 @pytest.mark.parametrize("how", ["restart", "kill"])
 async def test_reconnects_and_resubscribes_after_broker_restart(
     broker: EmbeddedBroker, prefix: str, client_id: str, how: str
