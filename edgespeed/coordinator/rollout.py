@@ -238,6 +238,7 @@ class Rollouts:
             raise ConfigError(f"{model_id} v{newest} exists: the new version must be greater")
         chosen = [d.device_id for d in self.registry.devices(DeviceStatus.ONLINE, DeviceStatus.SUSPECT)]
         chosen = [d for d in chosen if matches(targets, self.registry.get(d))]  # type: ignore[arg-type]
+        chosen = self._entitled(chosen)
         if split:
             measured = link if isinstance(link, Link) else await link() if link is not None else Link()
             entries = await self._publish_split(
@@ -366,6 +367,13 @@ class Rollouts:
         log.info("published %s v%d to %s", model_id, version, ", ".join(chosen) or "no device yet")
         return entry
 
+    def _entitled(self, devices: Sequence[str]) -> list[str]:
+        """Those of ``devices`` with a valid certificate (a revoked one is forgotten): only they get keys."""
+        entitled = [d for d in devices if d in self._directory]
+        if len(entitled) < len(devices):
+            log.warning("no key wrapped for %s: no valid certificate", ", ".join(sorted(set(devices) - set(entitled))))
+        return entitled
+
     def _sign(self, manifest: ModelManifest, key: bytes, devices: Sequence[str]) -> ModelManifest:
         context = f"{manifest.model_id}/{manifest.version}"
         unsigned = dataclasses.replace(
@@ -406,7 +414,9 @@ class Rollouts:
                 continue
             if info.device_id in entry.manifest.keys or not matches(stored.targets, info):
                 continue
-            devices = [*entry.manifest.keys, info.device_id]
+            devices = self._entitled([*entry.manifest.keys, info.device_id])
+            if info.device_id not in devices:
+                continue
             manifest = self._sign(entry.manifest, stored.key, devices)
             entry.manifest = manifest
             entry.stored = dataclasses.replace(stored, manifest=manifest)
@@ -425,7 +435,13 @@ class Rollouts:
         if entry is not None and entry.manifest.version > manifest.version:
             return False
         if entry is not None and entry.manifest.version == manifest.version:
-            entry.manifest = manifest  # keys wrapped for more devices
+            # The same version with keys wrapped for more devices (a peer welcomed them). Our own announces
+            # come back too, and an older one arriving after a newer would drop keys: only a manifest
+            # that wraps the key for every device the one we hold does replaces it.
+            if entry.manifest.keys.keys() <= manifest.keys.keys():
+                entry.manifest = manifest
+                if entry.stored is not None:
+                    entry.stored = dataclasses.replace(entry.stored, manifest=manifest)
             return False
         stored = await asyncio.to_thread(self.store.load, manifest.model_id, manifest.version)
         if stored is not None:  # published by a CLI beside us: serve it from now on

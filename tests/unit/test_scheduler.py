@@ -225,3 +225,33 @@ async def test_a_pin_survives_a_restart(pki: Pki, tmp_path: Path) -> None:
                     task = await b.tasks.get()
                 assert task.task_id == handle.task_id
                 assert a.tasks.empty()
+
+
+async def test_an_older_echo_of_a_manifest_never_drops_a_wrapped_key(pki: Pki, tmp_path: Path) -> None:
+    """Each join re-signs the manifest with one more wrapped key, and the coordinator hears its own
+    announces come back, not always in order. Before: an older echo arriving after a newer announce
+    replaced it, and the next join was wrapped on top of the older key set (in the field, 6-16 of 102
+    devices kept their keys)."""
+    from edgespeed.protocol.envelope import open_message, pack_message
+    from edgespeed.protocol.messages import ModelManifest
+
+    broker = MemoryBroker()
+    async with coordinator(broker, pki, tmp_path) as c, MemoryTransport(broker, "echo") as echo:
+        await echo.subscribe(topics.model_manifest(FLEET, "m"))
+        await publish(c, tmp_path, "m")
+        async with FakeDevice(broker, pki, "dev-a", ()):
+            await until(lambda: set(c.models()["m"].keys) == {"dev-a"})
+            older = None
+            async with timeout(10):
+                async for message in echo.messages():
+                    _, manifest = open_message(message.payload)
+                    if isinstance(manifest, ModelManifest) and set(manifest.keys) == {"dev-a"}:
+                        older = manifest
+                        break
+            async with FakeDevice(broker, pki, "dev-b", ()):
+                await until(lambda: set(c.models()["m"].keys) == {"dev-a", "dev-b"})
+                # The announce with dev-a's key alone comes back late.
+                await echo.publish(topics.model_manifest(FLEET, "m"), pack_message(older, sender="coord"))
+                async with FakeDevice(broker, pki, "dev-c", ()):
+                    await until(lambda: "dev-c" in c.models()["m"].keys)
+                    assert set(c.models()["m"].keys) == {"dev-a", "dev-b", "dev-c"}
