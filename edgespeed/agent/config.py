@@ -41,6 +41,9 @@ class AgentConfig:
             for trying split models over slow links.
         mqtt_protocol: ``auto`` (MQTT 5 where the broker speaks it, else 3.1.1), ``5`` or ``3.1.1``
             (saves the probe, up to 2 s a connection, with a broker that speaks only 3.1.1).
+        data_key_file: an absolute path to the data key (32 raw bytes or 64 hex digits, mode 0600) that
+            encrypts the outbox; keep it off the data disk. Empty: the systemd credential
+            ``edgespeed-data-key`` if given, else ``data.key`` made in ``state_dir``.
     """
 
     device_id: str
@@ -61,6 +64,7 @@ class AgentConfig:
     max_message_bytes: int = 8 * 1024 * 1024
     uplink_bytes_per_s: float = 0.0
     mqtt_protocol: Literal["auto", "5", "3.1.1"] = "auto"
+    data_key_file: str = ""
 
     def __post_init__(self) -> None:
         try:
@@ -75,6 +79,8 @@ class AgentConfig:
                 raise ConfigError(f"{name} must be at least 1")
         if self.mqtt_protocol not in ("auto", "5", "3.1.1"):
             raise ConfigError(f"mqtt_protocol is auto, 5 or 3.1.1, not {self.mqtt_protocol!r}")
+        if self.data_key_file and not Path(self.data_key_file).is_absolute():
+            raise ConfigError(f"data_key_file must be an absolute path, not {self.data_key_file!r}")
         if self.heartbeat_s <= 0 or self.max_wait_ms < 0 or self.fetch_timeout <= 0:
             raise ConfigError("heartbeat_s and fetch_timeout must be positive, max_wait_ms not negative")
 
@@ -93,8 +99,6 @@ class AgentConfig:
         if "profile" in data:
             profile_path = path.parent / str(data.pop("profile"))
             data = {**read_toml(profile_path), **data}
-        if "backends" in data:
-            data["backends"] = tuple(data["backends"])
         return build_config(cls, data, path)
 
     def mqtt(self, will: Will) -> MqttConfig:
