@@ -500,9 +500,7 @@ class MqttTransport(Transport):
         EdgeSpeed renders), which the hard bound leaves room for.
         """
         n = len(self._queue)
-        if n >= self._hard_bound or (
-            n >= self.config.queue_size and not self._pending_pub and not self._pending_sub
-        ):
+        if n >= self._hard_bound or (n >= self.config.queue_size and not self._pending_pub and not self._pending_sub):
             self._driver.pause()
             log.debug("incoming queue full (%d); pausing reads", n)
 
