@@ -29,9 +29,7 @@ import asyncio
 import collections
 import contextlib
 import logging
-import random
 import socket
-import ssl
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -44,7 +42,6 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 from edgespeed._compat import timeout as asyncio_timeout
 from edgespeed.errors import (
     ConfigError,
-    ConnectError,
     NotConnectedError,
     PayloadTooLargeError,
     PublishRefusedError,
@@ -54,7 +51,8 @@ from edgespeed.errors import (
 )
 from edgespeed.transport.base import Message, Transport, TransportState, validate_filter, validate_topic
 from edgespeed.transport.config import MqttConfig
-from edgespeed.transport.paho_socket import SocketDriver, make_client
+from edgespeed.transport.mqtt_connection import MqttConnection
+from edgespeed.transport.paho_socket import make_client
 
 __all__ = ["MqttTransport"]
 
@@ -73,11 +71,7 @@ class _Incoming:
     generation: int
 
 
-class _FallBackTo311(Exception):
-    """The broker does not speak MQTT 5 (internal signal)."""
-
-
-class MqttTransport(Transport):
+class MqttTransport(MqttConnection, Transport):
     """A `Transport` over an MQTT 3.1.1 or 5 broker, with TLS or mutual TLS.
 
     Example::
@@ -89,54 +83,21 @@ class MqttTransport(Transport):
     """
 
     def __init__(self, config: MqttConfig) -> None:
-        self.config = config
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._client: paho.Client | None = None
-        self._protocol = "5"
-        self._driver_: SocketDriver | None = None
-        self._generation = 0
-        self._broker_max_packet: int | None = None
+        super().__init__(config)
         self._queue: collections.deque[_Incoming] = collections.deque()
         self._hard_bound = config.queue_size + max(config.queue_size, 64)  # see _hold_reads
         self._has_messages = asyncio.Event()
-        self._connected = asyncio.Event()
-        self._disconnected = asyncio.Event()
-        self._connack: asyncio.Future[None] | None = None
         self._pending_pub: dict[int, tuple[asyncio.Future[None], str]] = {}
         self._uplink_free = 0.0  # when a paced uplink is free again (config.uplink_bytes_per_s)
         self._pending_sub: dict[int, asyncio.Future[list[Any]]] = {}
         self._inflight = asyncio.Semaphore(config.max_inflight)
         self._subscriptions: dict[str, int] = {}
-        self._tasks: list[asyncio.Task[None]] = []
-        self._closing = False
-        self.reconnects = 0
 
-    @property
-    def _driver(self) -> SocketDriver:
-        assert self._driver_ is not None, "the transport is not open"
-        return self._driver_
-
-    @property
-    def _sock(self) -> Any:
-        return self._driver_.sock if self._driver_ is not None else None
-
-    def _close_socket(self) -> None:
-        if self._driver_ is not None:
-            self._driver_.close()
-
-    def _drop_connection(self) -> None:
-        self._driver.drop()
+    def _on_session(self) -> None:
+        if self._subscriptions:
+            self._send_subscribe(dict(self._subscriptions))
 
     # -- public properties -------------------------------------------------
-
-    @property
-    def connected(self) -> bool:
-        return self._connected.is_set()
-
-    @property
-    def protocol(self) -> str:
-        """The MQTT version in use: ``"5"`` or ``"3.1.1"``."""
-        return self._protocol
 
     @property
     def max_payload(self) -> int:
@@ -147,51 +108,6 @@ class MqttTransport(Transport):
         return limit - _PUBLISH_OVERHEAD
 
     # -- lifecycle ---------------------------------------------------------
-
-    async def _open(self) -> None:
-        self._loop = asyncio.get_running_loop()
-        self._driver_ = SocketDriver(
-            self._loop,
-            self.config.url,
-            lambda: self._mark_disconnected(ConnectError("connection dropped", retryable=True)),
-        )
-        protocols = ["5", "3.1.1"] if self.config.protocol == "auto" else [self.config.protocol]
-        deadline = time.monotonic() + self.config.connect_timeout
-        for i, protocol in enumerate(protocols):
-            self._new_client(protocol)
-            try:
-                await self._first_connect(deadline)
-                break
-            except _FallBackTo311:
-                if i == len(protocols) - 1:
-                    raise ConnectError(f"{self.config.url} refused MQTT {protocol}") from None
-                log.info("%s does not speak MQTT 5; using 3.1.1", self.config.url)
-            except BaseException:
-                self._close_socket()
-                raise
-        name = f"mqtt[{self.config.client_id}]"
-        self._tasks = [
-            asyncio.create_task(self._supervise(), name=f"{name}.reconnect"),
-            asyncio.create_task(self._misc_loop(), name=f"{name}.keepalive"),
-        ]
-
-    async def _first_connect(self, deadline: float) -> None:
-        """Connect, retrying refused connections until ``deadline``; TLS failures are final."""
-        attempt = 0
-        while True:
-            try:
-                await self._connect_once(deadline - time.monotonic())
-                return
-            except ConnectError as exc:
-                if not exc.retryable:
-                    raise
-                delay = self.config.backoff.delay(attempt, random.random())
-                if time.monotonic() + delay >= deadline:
-                    raise ConnectError(
-                        f"could not connect to {self.config.url} within {self.config.connect_timeout}s: {exc}"
-                    ) from exc
-                attempt += 1
-                await asyncio.sleep(delay)
 
     async def close(self) -> None:
         if self._state is TransportState.CLOSED:
@@ -250,94 +166,6 @@ class MqttTransport(Transport):
         self._client = client
 
     # -- connecting --------------------------------------------------------
-
-    async def _connect_once(self, timeout: float) -> None:
-        assert self._loop is not None and self._client is not None
-        timeout = max(timeout, 0.05)
-        probing = self._protocol == "5" and self.config.protocol == "auto" and self._generation == 0
-        self._close_socket()
-        self._connack = self._loop.create_future()
-        started = time.monotonic()
-        try:
-            async with asyncio_timeout(timeout):
-                await self._loop.run_in_executor(None, self._client.reconnect)
-        except ssl.SSLError as exc:
-            raise ConnectError(f"TLS handshake with {self.config.url} failed: {exc}") from exc
-        except (OSError, TimeoutError) as exc:
-            raise ConnectError(f"cannot reach {self.config.url}: {exc or 'timed out'}", retryable=True) from exc
-        remaining = max(timeout - (time.monotonic() - started), 0.05)
-        try:
-            async with asyncio_timeout(min(remaining, _V5_PROBE_TIMEOUT) if probing else remaining):
-                await asyncio.shield(self._connack)
-        except TimeoutError:
-            self._close_socket()
-            if probing:
-                raise _FallBackTo311() from None
-            raise ConnectError(f"{self.config.url} sent no CONNACK within {timeout:.1f}s", retryable=True) from None
-
-    def _on_connect(self, client: paho.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
-        fut = self._connack
-        if reason.is_failure:
-            value = getattr(reason, "value", 0)
-            if self._protocol == "5" and value == _UNSUPPORTED_PROTOCOL:
-                exc: BaseException = _FallBackTo311()
-            else:
-                exc = ConnectError(f"{self.config.url} refused the connection: {reason}")
-            if fut is not None and not fut.done():
-                fut.set_exception(exc)
-            return
-        self._generation += 1
-        self._broker_max_packet = getattr(properties, "MaximumPacketSize", None) if properties else None
-        self._disconnected.clear()
-        self._connected.set()
-        if self._subscriptions:
-            self._send_subscribe(dict(self._subscriptions))
-        if fut is not None and not fut.done():
-            fut.set_result(None)
-
-    def _on_disconnect(self, client: paho.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
-        self._mark_disconnected(ConnectError(f"connection closed by {self.config.url}: {reason}", retryable=True))
-
-    def _mark_disconnected(self, exc: ConnectError) -> None:
-        was_connected = self._connected.is_set()
-        self._connected.clear()
-        self._disconnected.set()
-        fut = self._connack
-        if fut is not None and not fut.done():
-            if self._protocol == "5" and self.config.protocol == "auto" and self._generation == 0:
-                # A 3.1.1-only broker may just close the socket on an MQTT 5 CONNECT.
-                fut.set_exception(_FallBackTo311())
-            elif self._generation == 0:
-                # The first connection got through TCP and TLS and was then closed:
-                # a refusal (client certificate, limits), not a passing fault.
-                hint = " (is the client certificate from the broker's CA and valid?)" if self.config.tls else ""
-                fut.set_exception(ConnectError(f"{exc}{hint}", retryable=False))
-            else:
-                fut.set_exception(exc)
-        if was_connected and not self._closing:
-            log.warning("lost connection to %s", self.config.url)
-
-    async def _supervise(self) -> None:
-        attempt = 0
-        while not self._closing:
-            await self._disconnected.wait()
-            if self._closing:
-                return
-            await asyncio.sleep(self.config.backoff.delay(attempt, random.random()))
-            try:
-                await self._connect_once(self.config.connect_timeout)
-            except (ConnectError, _FallBackTo311) as exc:
-                attempt += 1
-                log.info("reconnect %d to %s failed: %s", attempt, self.config.url, exc)
-            else:
-                attempt = 0
-                self.reconnects += 1
-                log.info("reconnected to %s", self.config.url)
-
-    async def _misc_loop(self) -> None:
-        while True:
-            await asyncio.sleep(1.0)
-            self._driver.keepalive()
 
     async def _wait_connected(self, timeout: float) -> None:
         if self._connected.is_set():
