@@ -22,9 +22,11 @@ code, with the original kept as ``__cause__``::
     ├── BrokerError                 the embedded broker failed to start or run
     ├── BackendError                an inference backend refused a model or an input, or failed
     ├── TaskError                   a task ended without a result (``code``: deadline, no_capable_device, ...)
+    ├── OptimizeError               a model could not be quantised, pruned or fused (``reason``)
     └── SecurityError               a payload, key or file failed a security check
         ├── UnknownPeerError        no valid fleet certificate for that id
         ├── SealError               cannot open: tampered, wrong key, not sealed, wrong recipient
+        │   └── AtRestError         a value kept encrypted on disk does not open under the data key
         ├── ReplayError             a sequence already seen, or a message too old or from the future
         ├── SignatureError          a missing, unknown or bad signature
         ├── RollbackError           a model version not newer than the installed one
@@ -37,6 +39,7 @@ callers can act on them without parsing messages.
 from __future__ import annotations
 
 __all__ = [
+    "AtRestError",
     "BackendError",
     "BlobError",
     "BrokerError",
@@ -46,6 +49,7 @@ __all__ = [
     "EdgeSpeedError",
     "MissingDependencyError",
     "NotConnectedError",
+    "OptimizeError",
     "PayloadTooLargeError",
     "ProtocolError",
     "PublishRefusedError",
@@ -179,6 +183,16 @@ class TaskError(EdgeSpeedError):
         super().__init__(message)
 
 
+class OptimizeError(EdgeSpeedError, ValueError):
+    """A model could not be optimised. ``reason``: ``bad_model`` (unreadable, or nothing the tool can work on),
+    ``bad_data`` (calibration or evaluation data of the wrong shape, dtype or names), ``empty_data``,
+    ``unsupported`` (an option this model or tool does not support), ``failed`` (the tool itself failed)."""
+
+    def __init__(self, message: str, *, reason: str = "failed") -> None:
+        self.reason = reason
+        super().__init__(message)
+
+
 class SecurityError(EdgeSpeedError):
     """A payload, key or file failed a security check. ``reason`` is a short code."""
 
@@ -193,6 +207,11 @@ class UnknownPeerError(SecurityError):
 
 class SealError(SecurityError):
     """A sealed payload could not be opened: tampered, wrong key, unsealed or misaddressed."""
+
+
+class AtRestError(SealError):
+    """A value kept encrypted at rest does not open: another data key, moved from another row, altered,
+    or not sealed. ``reason``: ``wrong_key`` or ``not_sealed``."""
 
 
 class ReplayError(SecurityError):

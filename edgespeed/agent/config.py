@@ -28,6 +28,9 @@ class AgentConfig:
         state_dir: the model cache, the outbox and the replay window.
         coordinator: the coordinator's id.
         backends: backend preference; empty: every available one, in the order onnx, tflite, npu, torch.
+        precisions: which model variant to run where a manifest offers several (``fp32``, ``fp16``,
+            ``int8``), best first; empty: the hardware's preference (fp16 with a GPU or NPU, int8 on a
+            CPU with int8 dot-product instructions, else fp32; see `edgespeed.hardware.detect`).
         heartbeat_s: mean seconds between heartbeats (jittered by 20%).
         queue_size: tasks waiting at most; more are refused with ``queue_full``.
         max_batch, max_wait_ms: micro-batching of compatible tasks.
@@ -53,6 +56,7 @@ class AgentConfig:
     state_dir: Path
     coordinator: str = "coord"
     backends: tuple[str, ...] = ()
+    precisions: tuple[str, ...] = ()
     heartbeat_s: float = 10.0
     queue_size: int = 64
     max_batch: int = 8
@@ -77,6 +81,9 @@ class AgentConfig:
         for name in ("queue_size", "max_batch", "concurrency", "cache_bytes", "max_message_bytes"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1")
+        unknown = [p for p in self.precisions if p not in ("fp32", "fp16", "int8")]
+        if unknown:
+            raise ConfigError(f"precisions are fp32, fp16 and int8, not {', '.join(map(repr, unknown))}")
         if self.mqtt_protocol not in ("auto", "5", "3.1.1"):
             raise ConfigError(f"mqtt_protocol is auto, 5 or 3.1.1, not {self.mqtt_protocol!r}")
         if self.data_key_file and not Path(self.data_key_file).is_absolute():

@@ -36,7 +36,14 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from edgespeed.coordinator.ledger_rows import Payloads, TaskRecord, TaskState, now_ms
 from edgespeed.errors import ConfigError, MissingDependencyError
-from edgespeed.security.atrest import DataKey, configured_key, load_data_key, private_database, stored_key
+from edgespeed.security.atrest import (
+    DataKey,
+    configured_key,
+    load_data_key,
+    private_database,
+    private_dir,
+    stored_key,
+)
 
 if TYPE_CHECKING:
     from edgespeed.coordinator.config import CoordinatorConfig
@@ -129,10 +136,13 @@ class Ledger(abc.ABC):
                 f"INSERT INTO {self._k} (name, value) VALUES ('check', ?) ON CONFLICT (name) DO NOTHING RETURNING name",
                 (payloads.check_value(),),
             ):
-                for row in self._run(f"SELECT task_id, inputs, outputs, error_message FROM {self._t}"):
-                    if (sealed := payloads.legacy(row)) is not None:
-                        sql = f"UPDATE {self._t} SET inputs = ?, outputs = ?, error_message = ? WHERE task_id = ?"
-                        self._run(sql, sealed)
+                last, select = "", f"SELECT task_id, inputs, outputs, error_message FROM {self._t} WHERE task_id > ?"
+                while rows := self._run(select + " ORDER BY task_id LIMIT 256", (last,)):  # a few rows at a time
+                    for row in rows:
+                        if (sealed := payloads.legacy(row)) is not None:
+                            sql = f"UPDATE {self._t} SET inputs = ?, outputs = ?, error_message = ? WHERE task_id = ?"
+                            self._run(sql, sealed)
+                    last = str(rows[-1][0])
             else:
                 payloads.check(self._run(f"SELECT value FROM {self._k} WHERE name = 'check'")[0][0])
         return payloads
@@ -368,14 +378,15 @@ class SqliteLedger(Ledger):
     """The ledger in a SQLite file (WAL mode), for one coordinator.
 
     Args:
-        path: the database file (made mode 0600, its -wal and -shm too).
+        path: the database file (made mode 0600, its -wal and -shm too, in a folder made 0700).
         prefix: table name prefix.
         key: the data key; None: the one in ``data.key`` beside the file (made on first use).
     """
 
     def __init__(self, path: Path, *, prefix: str = "es", key: DataKey | None = None) -> None:
         super().__init__(prefix)
-        key = key or load_data_key(Path(path).parent)  # makes the folder, mode 0700
+        private_dir(Path(path).parent)
+        key = key or load_data_key(Path(path).parent)
         self._db = sqlite3.connect(str(private_database(Path(path))), check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")

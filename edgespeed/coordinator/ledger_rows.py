@@ -16,6 +16,7 @@ from typing import Any
 
 import msgpack
 
+from edgespeed.errors import AtRestError
 from edgespeed.security.atrest import DataKey, is_sealed
 
 __all__ = ["Payloads", "TaskRecord", "TaskState", "now_ms"]
@@ -100,7 +101,15 @@ class Payloads:
 
     def check(self, sealed: bytes | memoryview) -> None:
         """Raises AtRestError unless ``sealed`` is `check_value` under this key."""
-        self.key.open(sealed, self._table, "key check")
+        try:
+            self.key.open(sealed, self._table, "key check")
+        except AtRestError as exc:
+            raise AtRestError(
+                f"the ledger ({self._table}) was sealed under another data key than {self.key.key_id} "
+                f"({self.key.source}): {exc}. Give every coordinator sharing it the same data_key_file or "
+                "systemd credential",
+                reason="wrong_key",
+            ) from None
 
     def legacy(self, row: tuple[Any, ...]) -> tuple[Any, ...] | None:
         """(inputs, outputs, error_message, task_id) sealed, for a (task_id, inputs, outputs, error_message) row

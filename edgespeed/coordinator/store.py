@@ -22,10 +22,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edgespeed.errors import ConfigError, EdgeSpeedError, SecurityError
-from edgespeed.security.atrest import DataKey, private_dir
 from edgespeed.protocol.envelope import open_message, pack_message
 from edgespeed.protocol.messages import ModelManifest, validate_blob_id
 from edgespeed.protocol.topics import validate_id
+from edgespeed.security.atrest import DataKey, private_dir
 
 __all__ = ["ModelStore", "StoredModel"]
 

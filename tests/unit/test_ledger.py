@@ -10,6 +10,7 @@ import pytest
 from edgespeed.coordinator import Ledger, PostgresLedger, SqliteLedger, TaskState
 from edgespeed.coordinator.ledger import now_ms
 from edgespeed.errors import ConfigError
+from edgespeed.security import DataKey
 from tests.conftest import PG_DSN, postgres_or_skip
 
 
@@ -17,24 +18,25 @@ from tests.conftest import PG_DSN, postgres_or_skip
 def open_ledger(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callable[[], Ledger]]:
     """A factory: every call opens a new connection to the same ledger, as a restart or a peer would."""
     opened: list[Ledger] = []
+    key = DataKey.generate()  # the coordinators' data key (tests/unit/test_atrest.py: what it protects)
     if request.param == "postgres":
         postgres_or_skip()
         prefix = f"t_{uuid.uuid4().hex[:10]}"
 
         def make() -> Ledger:
-            opened.append(PostgresLedger(PG_DSN, prefix=prefix))
+            opened.append(PostgresLedger(PG_DSN, prefix=prefix, key=key))
             return opened[-1]
     else:
 
         def make() -> Ledger:
-            opened.append(SqliteLedger(tmp_path / "ledger.db"))
+            opened.append(SqliteLedger(tmp_path / "ledger.db", key=key))
             return opened[-1]
 
     yield make
     for ledger in opened:
         ledger.close()
     if request.param == "postgres":
-        cleaner = PostgresLedger(PG_DSN, prefix=prefix)
+        cleaner = PostgresLedger(PG_DSN, prefix=prefix, key=key)
         cleaner.drop()
         cleaner.close()
 
