@@ -144,6 +144,7 @@ class Installer:
         self._delivery = delivery
         self._fetches: dict[str, asyncio.Queue[Chunk | Error | None]] = {}
         self._attempts: dict[tuple[str, int], int] = {}  # failed downloads of a version, for the backoff
+        self._hardware_precisions: tuple[str, ...] | None = None  # found when a manifest first offers a choice
 
     def offer(self, manifest: ModelManifest) -> None:
         """Install a manifest when the installer gets to it (never refused: see `PendingManifests`)."""
@@ -211,6 +212,8 @@ class Installer:
         verify_manifest(manifest, self._keys, installed_version=installed if installed != manifest.version else None)
         if manifest.keys and cfg.device_id not in manifest.keys:
             return None  # not a target of this model (a coordinator wraps the key for us if we become one)
+        if not cfg.precisions and self._hardware_precisions is None and len(manifest.variants) > 1:
+            self._hardware_precisions = await asyncio.to_thread(_hardware_preference, cfg)
         variant, backend_name = self._choose(manifest)
         shard = next(s for s in manifest.shards if s.name == variant["shard"])
         path = self._cache.path(manifest, shard)
@@ -263,7 +266,8 @@ class Installer:
             if gone is not None:
                 gone.backend.close()
         log.info("model %s v%d ready on %s", manifest.model_id, manifest.version, backend_name)
-        return ModelStatus(manifest.model_id, manifest.version, "ready", backend=backend_name, run_ms=run_ms)
+        runs = _runs_label(backend_name, variant, manifest)
+        return ModelStatus(manifest.model_id, manifest.version, "ready", backend=runs, run_ms=run_ms)
 
     def _put(self, model_id: str, model: LoadedModel) -> None:
         old = self.models.get(model_id)
@@ -272,16 +276,44 @@ class Installer:
             old.backend.close()
 
     def _choose(self, manifest: ModelManifest) -> tuple[dict[str, Any], str]:
-        """The first variant, in the manifest's order, that a backend here runs, and that backend."""
+        """The variant this device prefers among those a backend here runs, and that backend.
+
+        Variants rank by precision, as this device prefers them (`AgentConfig.precisions`, else its
+        hardware's preference; a variant without one counts as fp32), then in the manifest's order.
+        """
         variants = manifest.variants or tuple({"shard": s.name, "format": manifest.format} for s in manifest.shards[:1])
         here = set(available_backends())
         order = self._config.backends or BACKEND_ORDER
-        for variant in variants:
+        preference = self._config.precisions or self._hardware_precisions or ()
+
+        def rank(variant: dict[str, Any]) -> int:
+            precision = str(variant.get("precision", "fp32"))
+            return preference.index(precision) if precision in preference else len(preference)
+
+        for variant in sorted(variants, key=rank):
             for name in order:
                 if name in backends_for(variant["format"]) and name in here:
                     return variant, name
         formats = sorted({str(v["format"]) for v in variants})
         raise BackendError(f"no backend here runs {formats}", reason="no_backend")
+
+
+def _runs_label(backend: str, variant: dict[str, Any], manifest: ModelManifest) -> str:
+    """What a ready report names: the backend, and ``:precision`` where the manifest offered a choice."""
+    offered = {str(v.get("precision", "")) for v in manifest.variants}
+    precision = str(variant.get("precision", ""))
+    return f"{backend}:{precision}" if precision and len(offered) > 1 else backend
+
+
+def _hardware_preference(config: AgentConfig) -> tuple[str, ...]:
+    """The hardware's precision preference (what the device card announces): accelerators are counted
+    only where the agent counts them for its card (a torch or npu backend may run: torch is loaded then)."""
+    from edgespeed.hardware.detect import detect_cuda, detect_npu, int8_dot_product, preferred_precisions
+
+    accelerators = ["cpu"]
+    if not config.backends or any(b in ("torch", "npu") for b in config.backends):
+        accelerators += [a.label() for a in (*detect_cuda(), *detect_npu())]
+    return preferred_precisions(accelerators, int8_dot_product())
 
 
 def _warm_run_ms(backend: Backend) -> float:

@@ -61,6 +61,12 @@ async def _agent_rss(quick: bool) -> list[dict[str, Any]]:
     return [await agent_rss.run()]
 
 
+async def _quantize(quick: bool) -> list[dict[str, Any]]:
+    from edgespeed.bench import quantize
+
+    return await quantize.run(quick)
+
+
 async def _split(quick: bool) -> list[dict[str, Any]]:
     from edgespeed.bench import split
 
@@ -73,6 +79,7 @@ GROUPS = (
     Group(("seal", "seal-codec"), _seal),
     Group(("backend",), _backend),
     Group(("split",), _split),
+    Group(("quantize",), _quantize),
     Group(("agent-rss",), _agent_rss),
 )
 ENTRIES = tuple(name for group in GROUPS for name in group.entries)

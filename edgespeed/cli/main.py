@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.logging import RichHandler
 
 from edgespeed import __version__
-from edgespeed.cli import bench, broker, certs, coordinator, demo, device
+from edgespeed.cli import bench, broker, certs, coordinator, demo, device, optimize
 
 app = typer.Typer(
     name="edgespeed",
@@ -24,6 +24,7 @@ app.add_typer(device.app, name="device")
 app.add_typer(coordinator.coordinator_app, name="coordinator")
 app.add_typer(coordinator.model_app, name="model")
 app.add_typer(coordinator.task_app, name="task")
+app.add_typer(optimize.app, name="optimize")
 app.command("status")(coordinator.status)
 app.command("demo")(demo.demo)
 app.command("bench")(bench.bench)

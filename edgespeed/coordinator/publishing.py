@@ -12,6 +12,7 @@ from typing import Any
 from edgespeed.coordinator.store import ModelStore
 from edgespeed.errors import ConfigError, MissingDependencyError, ProtocolError
 from edgespeed.optimize.split import onnx_outputs
+from edgespeed.optimize.variants import PRECISIONS, precision_of
 from edgespeed.protocol.blob import DEFAULT_CHUNK_SIZE, BlobSource
 from edgespeed.protocol.envelope import open_message, pack_message
 from edgespeed.protocol.formats import SUFFIX_FORMATS, format_of
@@ -73,6 +74,9 @@ def encrypt_and_describe(
         variant: dict[str, Any] = {"shard": source.blob_id, "format": SUFFIX_FORMATS[path.suffix]}
         if path.suffix == ".safetensors":
             variant["architecture"] = architecture
+        precision = precision_of(path)  # fp32, fp16, int8: devices run the one they prefer
+        if precision in PRECISIONS:
+            variant["precision"] = precision
         if stage:
             variant["stage"] = stage
         variants.append(variant)

@@ -1,4 +1,5 @@
-"""What this device is and has: CPU, memory, CUDA GPUs, Ascend NPUs, runtimes.
+"""What this device is and has: CPU, memory, CUDA GPUs, Ascend NPUs, runtimes, int8 dot-product
+instructions, and so the model precision it prefers.
 
 Cheap facts (architecture, cores, memory, which runtimes are installed) need
 no heavy import. Counting GPUs or NPUs imports torch or torch_npu, and listing
@@ -13,6 +14,7 @@ import importlib.metadata
 import importlib.util
 import os
 import platform
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from edgespeed import __version__
@@ -25,10 +27,16 @@ __all__ = [
     "detect_cuda",
     "detect_npu",
     "device_card",
+    "int8_dot_product",
     "litert_available",
     "onnx_providers",
     "onnx_runtime_build",
+    "preferred_precisions",
 ]
+
+# CPU flags (as /proc/cpuinfo lists them) of instructions that multiply-accumulate int8 in one step:
+# x86 VNNI (AVX-512 and AVX) and AMX, ARM's dot product (asimddp) and int8 matrix multiply (i8mm).
+INT8_DOT_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8", "asimddp", "i8mm")
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +72,37 @@ def cpu_info() -> dict[str, str | int]:
         "cores": cores,
         "memory_bytes": _memory_bytes(),
     }
+
+
+def int8_dot_product(cpuinfo: str | None = None) -> tuple[str, ...]:
+    """The int8 dot-product instructions this CPU has (`INT8_DOT_FLAGS` found in /proc/cpuinfo's flags)."""
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+                cpuinfo = f.read(1 << 20)
+        except OSError:
+            return ()
+    flags: set[str] = set()
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip().lower() in ("flags", "features"):
+            flags.update(value.split())
+    return tuple(flag for flag in INT8_DOT_FLAGS if flag in flags)
+
+
+def preferred_precisions(accelerators: Sequence[str] = ("cpu",), dot_product: Sequence[str] = ()) -> tuple[str, ...]:
+    """Which model variant a device should run, best first, from its hardware.
+
+    fp16 first where a GPU or NPU is present (``cuda:``/``npu:`` accelerators); int8 first on a CPU
+    with int8 dot-product instructions (VNNI, ARM dot product); otherwise fp32 first: without them
+    ONNX Runtime's x86 int8 kernels can saturate (its own documentation's warning) and gain little.
+    A device's ``precisions`` setting overrides this.
+    """
+    if any(a.split(":", 1)[0] in ("cuda", "npu") for a in accelerators):
+        return ("fp16", "fp32", "int8")
+    if dot_product:
+        return ("int8", "fp32", "fp16")
+    return ("fp32", "int8", "fp16")
 
 
 def detect_cuda() -> list[Accelerator]:
@@ -133,6 +172,10 @@ def device_card(device_id: str, *, probe_accelerators: bool = False) -> DeviceCa
         extra["onnx_providers"] = ",".join(onnx_providers())
     if litert_available():
         extra["litert"] = "yes"
+    dot = int8_dot_product()
+    if dot:
+        extra["int8_dot"] = ",".join(dot)
+    extra["precisions"] = ",".join(preferred_precisions(accelerators, dot))
     return DeviceCard(
         device_id=device_id,
         arch=str(cpu["arch"]),
