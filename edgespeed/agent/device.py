@@ -37,9 +37,17 @@ from edgespeed.agent.delivery import Delivery
 from edgespeed.agent.heartbeat import Heartbeats
 from edgespeed.agent.installer import Installer, LoadedModel
 from edgespeed.agent.remote_config import RemoteConfig
+from edgespeed.agent.revocation import DeviceRevocation
 from edgespeed.agent.runner import Runner
 from edgespeed.agent.supervisor import PartFailedError, Supervisor
-from edgespeed.errors import EdgeSpeedError, ProtocolError, ReplayError, SecurityError, TransportClosedError
+from edgespeed.errors import (
+    EdgeSpeedError,
+    ProtocolError,
+    ReplayError,
+    SecurityError,
+    TransportClosedError,
+    UnknownPeerError,
+)
 from edgespeed.hardware import device_card
 from edgespeed.protocol import topics
 from edgespeed.protocol.envelope import open_message, pack_message
@@ -54,7 +62,8 @@ from edgespeed.protocol.messages import (
     ModelManifest,
     Task,
 )
-from edgespeed.security import KeyDirectory, ReplayGuard, Sealer, load_identity
+from edgespeed.security import KeyDirectory, ReplayGuard, Sealer, load_data_key, load_identity
+from edgespeed.security.atrest import private_database, private_dir
 from edgespeed.security.ratelimit import PeerLimiter
 from edgespeed.transport.base import Transport, Will
 from edgespeed.transport.mqtt import MqttTransport
@@ -128,16 +137,20 @@ class Device:
 
     async def __aenter__(self) -> Self:
         cfg = self.config
-        cfg.state_dir.mkdir(parents=True, exist_ok=True)
+        private_dir(cfg.state_dir)  # mode 0700
         identity = load_identity(cfg.pki_dir, cfg.device_id, ca_file=cfg.pki_dir / "ca.crt")
-        self._keys = KeyDirectory(cfg.pki_dir / "ca.crt")
-        self._keys.add_directory(cfg.pki_dir)
+        self._keys = KeyDirectory.from_folder(cfg.pki_dir)  # with the folder's revocation list
+        self.revocation = DeviceRevocation(self._keys, cfg.state_dir)  # and the lists broadcast since
+        self.revocation.load_saved()
         self._sealer = Sealer(
-            cfg.device_id, identity.seal_key(), self._keys, replay=ReplayGuard(cfg.state_dir / "replay.db")
+            cfg.device_id,
+            identity.seal_key(),
+            self._keys,
+            replay=ReplayGuard(private_database(cfg.state_dir / "replay.db")),
         )
         from edgespeed.agent.outbox import Outbox  # sqlite3 only when an agent runs
 
-        self._outbox = Outbox(cfg.state_dir)
+        self._outbox = Outbox(cfg.state_dir, key=load_data_key(cfg.state_dir, cfg.data_key_file))
         try:
             await self._start()
         except BaseException:
@@ -165,23 +178,23 @@ class Device:
             topics.model_filter(cfg.fleet),
             topics.broadcast(cfg.fleet, "config"),
             topics.broadcast(cfg.fleet, "discover"),
+            topics.crl(cfg.fleet),
         )
         # Counting GPUs and NPUs imports torch: only worth it when a torch backend may run.
         probe = not cfg.backends or any(b in ("torch", "npu") for b in cfg.backends)
         card = await asyncio.to_thread(device_card, cfg.device_id, probe_accelerators=probe)
         if cfg.backends:
             card = type(card)(**{**_fields(card), "backends": tuple(b for b in cfg.backends if b in card.backends)})
-        await transport.publish(
-            topics.birth(cfg.fleet, cfg.device_id),
-            pack_message(Birth(card, self.epoch), sender=cfg.device_id),
-            retain=True,
-        )
+        birth = pack_message(Birth(card, self.epoch), sender=cfg.device_id)
+        await transport.publish(topics.birth(cfg.fleet, cfg.device_id), birth, retain=True)
         self.card = card
 
         delivery = Delivery(cfg, transport, self._sealer, self._outbox)
         installer = Installer(cfg, cache, self._sealer, self._keys, transport, delivery)
         runner = Runner(cfg, installer.models, self._remote.settings, delivery, cache)
-        heartbeats = Heartbeats(cfg, transport, self.epoch, self._remote.settings, runner, installer.models)
+        heartbeats = Heartbeats(
+            cfg, transport, self.epoch, self._remote.settings, runner, installer.models, birth=birth
+        )
         self._parts = parts = _Parts(delivery, installer, runner, heartbeats)
         start = self._supervisor.start
         start("dispatch", self._dispatch(transport, parts))
@@ -275,6 +288,7 @@ class Device:
         config_topic = topics.broadcast(cfg.fleet, "config")
         discover_topic = topics.broadcast(cfg.fleet, "discover")
         state_topic = topics.coordinator_state(cfg.fleet)
+        crl_topic = topics.crl(cfg.fleet)
         async for message in transport.messages():
             topic = message.topic
             try:
@@ -296,6 +310,8 @@ class Device:
                     _, hello = open_message(message.payload)
                     if isinstance(hello, CoordinatorState):
                         parts.heartbeats.beat_now()
+                elif topic == crl_topic:
+                    self.revocation.on_message(message.payload)
                 elif topic == state_topic:
                     _, state = open_message(message.payload)
                     if isinstance(state, CoordinatorState):
@@ -313,6 +329,8 @@ class Device:
 
     def _on_inbox(self, payload: bytes, parts: _Parts) -> None:
         envelope, body = self._sealer.open(payload, allow_plain={MessageKind.CHUNK})
+        if envelope.sealed and envelope.sender not in self._keys:  # revoked since (the sealer caches keys)
+            raise UnknownPeerError(f"{envelope.sender!r} has no valid certificate any more", reason="revoked")
         if isinstance(body, Chunk) or (isinstance(body, Error) and not body.task_id):
             # Chunk data is ciphertext checked against the signed manifest. A blob error ends a
             # download: it counts only sealed, so only from the coordinator.

@@ -3,7 +3,10 @@
 `Heartbeats` publishes a `Heartbeat` (QoS 0: the next one replaces a lost
 one) every ``heartbeat_s`` seconds of the live settings, jittered by 20% so a
 fleet started together does not beat together, and at once when a
-coordinator (re)starting asks who is alive (``discover``).
+coordinator (re)starting asks who is alive (``discover``). Then it also
+publishes the device's retained birth again (the same epoch, so a coordinator
+that knows it changes nothing): a coordinator that lost it, after a broker
+restart without persistence, learns of the device at once.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ class Heartbeats:
         settings: the live settings (``heartbeat_s``).
         runner: how loaded the device is.
         models: the loaded models (the installer's table, read only here).
+        birth: the device's packed birth, announced again (retained) when a coordinator asks.
     """
 
     def __init__(
@@ -47,6 +51,8 @@ class Heartbeats:
         settings: Mapping[str, Any],
         runner: Runner,
         models: Mapping[str, LoadedModel],
+        *,
+        birth: bytes | None = None,
     ) -> None:
         self._config = config
         self._transport = transport
@@ -55,9 +61,12 @@ class Heartbeats:
         self._runner = runner
         self._models = models
         self._now = asyncio.Event()
+        self._birth = birth
+        self._announce = False
 
     def beat_now(self) -> None:
-        """Send a heartbeat at once: a coordinator (re)starting wants to know who is alive."""
+        """Send the birth again and a heartbeat at once: a coordinator (re)starting wants to know who is alive."""
+        self._announce = True
         self._now.set()
 
     async def run(self) -> None:
@@ -69,6 +78,10 @@ class Heartbeats:
                 async with timeout_after(self._settings["heartbeat_s"] * random.uniform(0.8, 1.2)):
                     await self._now.wait()
             self._now.clear()
+            if self._announce and self._birth is not None:
+                self._announce = False
+                with contextlib.suppress(EdgeSpeedError):  # the broker away: the next discover asks again
+                    await self._transport.publish(topics.birth(cfg.fleet, cfg.device_id), self._birth, retain=True)
             beat = Heartbeat(
                 self._epoch,
                 load=self._runner.load,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import tempfile
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -76,13 +77,22 @@ def publish(
         "", "--split", help="Run as a pipeline across devices: auto (the planner decides), N stages, or NODE,NODE."
     ),
     codec: str = typer.Option("", "--codec", help="Activations between stages: fp16, int8, int8c, +zstd, +lz4."),
+    optimize: str = typer.Option(
+        "", "--optimize", help="Also publish variants made from the .onnx model: int8, fp16 (e.g. int8,fp16)."
+    ),
+    calibration: Path | None = typer.Option(
+        None, "--calibration", help=".npz of inputs to calibrate the int8 variant on (dynamic int8 without)."
+    ),
     config: Path = CONFIG,
 ) -> None:
     """Encrypt, sign and publish a model; serve its chunks until the targets report ready."""
     try:
-        report = asyncio.run(
-            _publish(_config(config), paths, name, version, targets, architecture, timeout, wait, split, codec)
-        )
+        with tempfile.TemporaryDirectory(prefix="edgespeed-variants-") as folder:
+            if optimize:
+                paths = _with_variants(paths, optimize, calibration, split, Path(folder))
+            report = asyncio.run(
+                _publish(_config(config), paths, name, version, targets, architecture, timeout, wait, split, codec)
+            )
     except EdgeSpeedError as exc:
         raise fail(exc) from None
     table = Table("device", "state", "detail", title=f"{report.model_id} v{report.version}")
@@ -99,6 +109,24 @@ def publish(
         console.print(f"no device matched {targets!r} yet; devices that join get it from a running coordinator")
     if wait and not report.ok:
         raise typer.Exit(1)
+
+
+def _with_variants(paths: list[Path], optimize: str, calibration: Path | None, split: str, folder: Path) -> list[Path]:
+    """The files to publish: the .onnx model, the variants ``--optimize`` makes of it, the other files."""
+    from edgespeed.cli.optimize import progress_bar
+    from edgespeed.optimize import make_variants
+
+    if split:
+        raise ConfigError("--optimize makes variants of a whole model; with --split, quantise the shards first")
+    sources = [p for p in paths if p.suffix == ".onnx"]
+    if len(sources) != 1:
+        raise ConfigError("--optimize makes its variants from one .onnx file: give exactly one")
+    with progress_bar() as progress:
+        variants = make_variants(sources[0], optimize.split(","), folder, calibration=calibration, progress=progress)
+    for _, precision, made in variants[1:]:
+        if made is not None:
+            console.print(f"{precision} variant: {made.size_ratio:.2f}x the size of {sources[0].name}")
+    return [*(path for path, _, _ in variants), *(p for p in paths if p != sources[0])]
 
 
 async def _publish(
@@ -210,8 +238,14 @@ def status(
         raise fail(exc) from None
 
 
+def _variant_name(variant: dict[str, object]) -> str:
+    """``onnx``, or ``onnx int8`` for a variant that says its precision."""
+    return f"{variant['format']} {variant['precision']}" if variant.get("precision") else str(variant["format"])
+
+
 async def _status(config: CoordinatorConfig, listen: float) -> None:
     from edgespeed.coordinator import Coordinator
+    from edgespeed.coordinator.ledger import ledger_caller
     from edgespeed.coordinator.service import default_client_id
 
     async with Coordinator(config, client_id=default_client_id(config, "status")) as c:
@@ -230,10 +264,12 @@ async def _status(config: CoordinatorConfig, listen: float) -> None:
                 f"{now - d.last_seen:.1f} s ago",
             )
         console.print(devices if c.registry.devices() else "no device has joined this fleet")
-        models = Table("model", "version", "variants", "ready on", title="models")
+        models = Table("model", "version", "variants", "ready on (runs)", title="models")
         for model_id, manifest in c.models().items():
-            formats = ", ".join(sorted({str(v["format"]) for v in manifest.variants})) or manifest.format
-            models.add_row(model_id, str(manifest.version), formats, ", ".join(c.devices_for(model_id)) or "-")
+            formats = ", ".join(sorted({_variant_name(v) for v in manifest.variants})) or manifest.format
+            runs = await ledger_caller(c.ledger)(c.ledger.rollouts, model_id, manifest.version)
+            ready = [f"{d} ({runs[d][1]})" if d in runs else d for d in c.devices_for(model_id)]
+            models.add_row(model_id, str(manifest.version), formats, ", ".join(ready) or "-")
         if c.models():
             console.print(models)
         if c.splits():
@@ -253,3 +289,15 @@ async def _status(config: CoordinatorConfig, listen: float) -> None:
             console.print(splits)
         counts = await c.counts()
         console.print("tasks: " + ", ".join(f"{state} {n}" for state, n in counts.items()))
+        _revocation_status(config)
+
+
+def _revocation_status(config: CoordinatorConfig) -> None:
+    """The revocation list: yellow under 7 days before its nextUpdate, red past it (brokers refuse everyone)."""
+    from edgespeed.cli.certs import print_crl_health
+    from edgespeed.security.pki import load_crl
+
+    try:
+        print_crl_health(load_crl(config.pki_dir / "crl.pem", config.pki_dir / "ca.crt"), where="crl.pem: ")
+    except EdgeSpeedError as exc:
+        console.print(f"[red]revocation list: {escape(str(exc))}[/]")

@@ -13,6 +13,7 @@ from edgespeed.coordinator.ledger import Ledger, SqliteLedger, ledger_caller, op
 from edgespeed.coordinator.linkprobe import LinkProbe
 from edgespeed.coordinator.policies import Policy
 from edgespeed.coordinator.registry import Registry
+from edgespeed.coordinator.revocation import Revocation
 from edgespeed.coordinator.rollout import Rollouts
 from edgespeed.coordinator.router import Router
 from edgespeed.coordinator.scheduler import Scheduler
@@ -44,6 +45,7 @@ class Parts:
     scheduler: Scheduler
     router: Router
     probe: LinkProbe
+    revocation: Revocation | None = None
     workers: list[asyncio.Task[None]] = field(default_factory=list)
 
 
@@ -65,8 +67,7 @@ async def open_parts(
     primary = client_id == cfg.coordinator_id
     private_dir(cfg.state_dir)  # mode 0700; its files 0600
     identity = load_identity(cfg.pki_dir, cfg.coordinator_id, ca_file=cfg.pki_dir / "ca.crt")
-    directory = KeyDirectory(cfg.pki_dir / "ca.crt")
-    directory.add_directory(cfg.pki_dir)
+    directory = KeyDirectory.from_folder(cfg.pki_dir)  # with the folder's revocation list
     # The primary keeps its replay window across restarts; a short-lived client seals on a lane of its own.
     replay = ReplayGuard(private_database(cfg.state_dir / "replay.db")) if primary else ReplayGuard()
     lane = 0 if primary else secrets.randbelow(255) + 1
@@ -117,6 +118,17 @@ async def open_parts(
         inline_db=isinstance(the_ledger, SqliteLedger),
     )
     probe = LinkProbe(link, fleet=cfg.fleet, lane=lane)
+    revocation = Revocation(
+        fleet=cfg.fleet,
+        coordinator_id=cfg.coordinator_id,
+        pki_dir=cfg.pki_dir,
+        directory=directory,
+        transport=link,
+        registry=registry,
+        scheduler=scheduler,
+        stats=stats,
+        publish=primary,
+    )
     router = Router(
         link,
         registry=registry,
@@ -128,5 +140,8 @@ async def open_parts(
         probe=probe,
         stats=stats,
         changed=changed,
+        revocation=revocation,
     )
-    return Parts(the_ledger, own_ledger, store, sealer, replay, link, server, rollouts, scheduler, router, probe)
+    return Parts(
+        the_ledger, own_ledger, store, sealer, replay, link, server, rollouts, scheduler, router, probe, revocation
+    )

@@ -15,6 +15,7 @@ from collections import Counter
 from edgespeed.coordinator.answers import Answers
 from edgespeed.coordinator.linkprobe import LinkProbe
 from edgespeed.coordinator.registry import DeviceStatus, Registry
+from edgespeed.coordinator.revocation import Revocation
 from edgespeed.coordinator.rollout import Rollouts
 from edgespeed.coordinator.scheduler import Scheduler
 from edgespeed.errors import ProtocolError, ReplayError, SecurityError
@@ -50,6 +51,7 @@ class Router:
         probe: LinkProbe,
         stats: Counter[str],
         changed: asyncio.Event,
+        revocation: Revocation | None = None,
     ) -> None:
         self._transport = transport
         self._registry = registry
@@ -61,6 +63,7 @@ class Router:
         self._probe = probe
         self._stats = stats
         self._changed = changed
+        self._revocation = revocation
 
     async def run(self) -> None:
         async for message in self._transport.messages():
@@ -82,6 +85,8 @@ class Router:
             return
         name = topics.parse_topic(message.topic)
         kind = name.kind
+        if self._revocation is not None and not self._revocation.admits(name):
+            return  # a revoked (or unknown) identity: nothing it sends is read
         if kind is topics.TopicKind.COORDINATOR_INBOX:
             if await self._server.handle(message):
                 return

@@ -147,6 +147,8 @@ class Coordinator:
             asyncio.create_task(o.router.run(), name=f"{name}.read"),
             asyncio.create_task(o.scheduler.run(), name=f"{name}.schedule"),
         ]
+        if o.revocation is not None:  # the revocation list: watched, applied, broadcast to the devices
+            o.workers.append(asyncio.create_task(o.revocation.run(), name=f"{name}.revocation"))
         hello = pack_message(CoordinatorState(True, self.epoch), sender=cfg.coordinator_id)
         if self._presence:
             await o.transport.publish(topics.coordinator_state(cfg.fleet), hello, retain=True)

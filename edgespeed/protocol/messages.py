@@ -29,11 +29,13 @@ __all__ = [
     "Error",
     "Heartbeat",
     "Hop",
+    "MAX_CRL_BYTES",
     "Message",
     "MessageKind",
     "ModelManifest",
     "ModelStatus",
     "Result",
+    "RevocationList",
     "Task",
     "kind_of",
     "message_class",
@@ -81,6 +83,7 @@ class MessageKind(enum.IntEnum):
     ERROR = 10
     MODEL_STATUS = 11
     DEVICE_CONFIG = 12
+    REVOCATION_LIST = 13
 
 
 @dataclass(frozen=True, slots=True)
@@ -378,6 +381,24 @@ class DeviceConfig:
             validate_id(target, "target")
 
 
+MAX_CRL_BYTES = 1 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class RevocationList:
+    """The fleet CA's certificate revocation list (X.509 CRL, DER), retained on ``bcast/crl``.
+
+    Signed by the fleet CA, so it authenticates itself: a receiver verifies it against its
+    ``ca.crt`` (`edgespeed.security.pki.parse_crl`) and refuses every certificate it lists.
+    """
+
+    crl: bytes
+
+    def __post_init__(self) -> None:
+        if not 0 < len(self.crl) <= MAX_CRL_BYTES:
+            raise DecodeError(f"a revocation list holds 1..{MAX_CRL_BYTES} bytes", reason="bad_body")
+
+
 Message = (
     Birth
     | Death
@@ -391,6 +412,7 @@ Message = (
     | Error
     | ModelStatus
     | DeviceConfig
+    | RevocationList
 )
 
 _CLASSES: dict[MessageKind, type[Any]] = {
@@ -406,6 +428,7 @@ _CLASSES: dict[MessageKind, type[Any]] = {
     MessageKind.ERROR: Error,
     MessageKind.MODEL_STATUS: ModelStatus,
     MessageKind.DEVICE_CONFIG: DeviceConfig,
+    MessageKind.REVOCATION_LIST: RevocationList,
 }
 _KINDS = {cls: kind for kind, cls in _CLASSES.items()}
 

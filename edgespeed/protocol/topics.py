@@ -14,6 +14,7 @@ to its topics and lets a receiver tell the sender from the topic alone::
     es/1/<fleet>/coord/probe/<lane>    a coordinator's link probe to itself (bytes only)
     es/1/<fleet>/bcast/<channel>       broadcast to the whole fleet
     es/1/<fleet>/bcast/models/<model>  retained signed manifest of one model
+    es/1/<fleet>/bcast/crl             retained revocation list (signed by the fleet CA)
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ __all__ = [
     "coordinator_inbox_filter",
     "coordinator_probe",
     "coordinator_state",
+    "crl",
     "death",
     "device_filter",
     "device_inbox",
@@ -141,6 +143,11 @@ def coordinator_state(fleet: str) -> str:
 def broadcast(fleet: str, channel: str) -> str:
     """Topic of a fleet-wide broadcast channel (models, config, ...)."""
     return f"{PREFIX}/{validate_id(fleet, 'fleet')}/bcast/{validate_id(channel, 'channel')}"
+
+
+def crl(fleet: str) -> str:
+    """Retained topic of the fleet's revocation list (only coordinators write it)."""
+    return broadcast(fleet, "crl")
 
 
 def model_manifest(fleet: str, model_id: str) -> str:

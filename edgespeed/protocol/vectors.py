@@ -1,7 +1,7 @@
 """Test vectors of the wire formats, as JSON with hex, for other implementations.
 
 ``python -m edgespeed.protocol.vectors DIR`` writes ``envelope.json``,
-``tensor.json`` and ``chunk.json``. Every value is fixed (ids, times, data),
+``revocation.json`` (kind 13), ``tensor.json`` and ``chunk.json``. Every value is fixed (ids, times, data),
 so the files change only when the wire format does; the test suite checks the
 committed files against this generator and against the decoders.
 """
@@ -33,6 +33,7 @@ from edgespeed.protocol.messages import (
     ModelManifest,
     ModelStatus,
     Result,
+    RevocationList,
     Task,
     kind_of,
 )
@@ -99,37 +100,47 @@ def _messages() -> list[tuple[str, Any]]:
     ]
 
 
+def _revocation_vectors() -> dict[str, Any]:
+    """Kind 13, in a file of its own (``revocation.json``, the same layout as ``envelope.json``).
+
+    The bytes stand for a DER CRL: a real one is signed by the fleet CA, and a receiver verifies
+    it against its ``ca.crt`` before it trusts a serial in it.
+    """
+    message = RevocationList(bytes.fromhex("3082") + b"stands-for-a-der-crl")
+    return {"format": "edgespeed-envelope", "version": 1, "cases": [_envelope_case("revocation_list", message)]}
+
+
+def _envelope_case(name: str, message: Any) -> dict[str, Any]:
+    env = Envelope(
+        kind=kind_of(message),
+        sender="coord",
+        recipient="dev-1",
+        body=encode_body(message),
+        sequence=7,
+        timestamp_ms=_TS,
+        message_id=_MID,
+        correlation_id=_CID,
+    )
+    return {
+        "name": name,
+        "hex": encode_envelope(env).hex(),
+        "envelope": {
+            "kind": int(env.kind),
+            "sender": env.sender,
+            "recipient": env.recipient,
+            "sequence": env.sequence,
+            "timestamp_ms": env.timestamp_ms,
+            "message_id": env.message_id.hex(),
+            "correlation_id": env.correlation_id.hex(),
+            "flags": env.flags,
+            "body": env.body.hex(),
+        },
+        "message": jsonable(_to_plain(message)),
+    }
+
+
 def _envelope_vectors() -> dict[str, Any]:
-    cases = []
-    for name, message in _messages():
-        env = Envelope(
-            kind=kind_of(message),
-            sender="coord",
-            recipient="dev-1",
-            body=encode_body(message),
-            sequence=7,
-            timestamp_ms=_TS,
-            message_id=_MID,
-            correlation_id=_CID,
-        )
-        cases.append(
-            {
-                "name": name,
-                "hex": encode_envelope(env).hex(),
-                "envelope": {
-                    "kind": int(env.kind),
-                    "sender": env.sender,
-                    "recipient": env.recipient,
-                    "sequence": env.sequence,
-                    "timestamp_ms": env.timestamp_ms,
-                    "message_id": env.message_id.hex(),
-                    "correlation_id": env.correlation_id.hex(),
-                    "flags": env.flags,
-                    "body": env.body.hex(),
-                },
-                "message": jsonable(_to_plain(message)),
-            }
-        )
+    cases = [_envelope_case(name, message) for name, message in _messages()]
     good = bytes.fromhex(cases[1]["hex"])
     invalid = [
         {"name": "truncated", "hex": good[:40].hex(), "reason": "truncated"},
@@ -244,7 +255,12 @@ def _chunk_vectors() -> dict[str, Any]:
 
 def build_vectors() -> dict[str, dict[str, Any]]:
     """All vector files, by file name."""
-    return {"envelope.json": _envelope_vectors(), "tensor.json": _tensor_vectors(), "chunk.json": _chunk_vectors()}
+    return {
+        "envelope.json": _envelope_vectors(),
+        "revocation.json": _revocation_vectors(),
+        "tensor.json": _tensor_vectors(),
+        "chunk.json": _chunk_vectors(),
+    }
 
 
 def write_vectors(directory: Path) -> list[Path]:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Callable
+import logging
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,9 +14,11 @@ from cryptography.x509.oid import NameOID
 
 from edgespeed.errors import TopicError, UnknownPeerError
 from edgespeed.protocol.topics import validate_id
-from edgespeed.security.pki import PAYLOAD_KEYS_OID
+from edgespeed.security.pki import PAYLOAD_KEYS_OID, CrlInfo, load_crl
 
 __all__ = ["KeyDirectory", "PeerKeys"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +53,35 @@ class KeyDirectory:
         self._revoked = set(revoked or ())
         self._clock = clock
         self._peers: dict[str, PeerKeys] = {}
+        self.crl: CrlInfo | None = None
+        """The last revocation list applied (`apply_crl`), if any."""
+
+    @classmethod
+    def from_folder(
+        cls,
+        pki_dir: Path,
+        *,
+        clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.timezone.utc),
+    ) -> KeyDirectory:
+        """The directory of a fleet member: ``ca.crt``, the revocation list ``crl.pem`` (when there)
+        and every identity certificate in ``pki_dir``; revoked ones are left out with a warning.
+
+        A revocation list past its ``nextUpdate`` still revokes what it lists (and is warned about).
+
+        Raises:
+            ConfigError: no ``ca.crt``, or a ``crl.pem`` that cannot be read.
+            SecurityError: a ``crl.pem`` not signed by the fleet CA.
+            UnknownPeerError: a certificate there is not the fleet's (foreign, malformed).
+        """
+        pki_dir = Path(pki_dir)
+        directory = cls(pki_dir / "ca.crt", clock=clock)
+        crl_file = pki_dir / "crl.pem"
+        if crl_file.is_file():
+            directory.apply_crl(load_crl(crl_file, directory._ca))
+            if directory.crl is not None and directory.crl.health(clock()) != "ok":
+                log.warning("%s: %s", crl_file, directory.crl.describe(clock()))
+        directory.add_directory(pki_dir)
+        return directory
 
     def add_certificate(self, pem: bytes) -> PeerKeys:
         """Verify a certificate and remember its keys.
@@ -96,19 +128,54 @@ class KeyDirectory:
         return peer
 
     def add_directory(self, directory: Path) -> list[PeerKeys]:
-        """Add every identity certificate (``*.crt`` but the CA's) found in ``directory``."""
-        return [
-            self.add_certificate(path.read_bytes())
-            for path in sorted(Path(directory).glob("*.crt"))
-            if path.name != "ca.crt"
-        ]
+        """Add every identity certificate (``*.crt`` but the CA's) found in ``directory``.
 
-    def revoke(self, serial: int) -> None:
-        """Refuse a certificate from now on, and forget the peer that used it."""
+        A revoked certificate is skipped with a warning (a fleet member whose folder still
+        holds it keeps starting); any other bad certificate raises.
+
+        Raises:
+            UnknownPeerError: a certificate that is not the fleet's, expired, or malformed.
+        """
+        added = []
+        for path in sorted(Path(directory).glob("*.crt")):
+            if path.name == "ca.crt":
+                continue
+            try:
+                added.append(self.add_certificate(path.read_bytes()))
+            except UnknownPeerError as exc:
+                if exc.reason != "revoked":
+                    raise
+                log.warning("skipped %s: its certificate is revoked", path)
+        return added
+
+    def revoke(self, serial: int) -> list[str]:
+        """Refuse a certificate from now on, and forget the peer that used it; returns the ids forgotten."""
         self._revoked.add(serial)
-        for peer_id, peer in list(self._peers.items()):
-            if peer.serial == serial:
-                del self._peers[peer_id]
+        forgotten = [peer_id for peer_id, peer in self._peers.items() if peer.serial == serial]
+        for peer_id in forgotten:
+            del self._peers[peer_id]
+        return forgotten
+
+    def revoke_all(self, serials: Iterable[int]) -> list[str]:
+        """`revoke` each serial; returns the ids forgotten."""
+        return [peer_id for serial in serials for peer_id in self.revoke(serial)]
+
+    def apply_crl(self, crl: CrlInfo) -> list[str]:
+        """Revoke what a verified revocation list lists (see `edgespeed.security.pki.load_crl`);
+        returns the ids forgotten. Lists only add: a serial once revoked stays revoked."""
+        if self.crl is None or crl.last_update >= self.crl.last_update:
+            self.crl = crl
+        return self.revoke_all(crl.revoked)
+
+    @property
+    def revoked(self) -> frozenset[int]:
+        """Serial numbers refused."""
+        return frozenset(self._revoked)
+
+    @property
+    def ca_certificate(self) -> x509.Certificate:
+        """The fleet CA certificate every certificate here is checked against."""
+        return self._ca
 
     def get(self, peer_id: str) -> PeerKeys:
         """The keys of ``peer_id``.
@@ -125,3 +192,7 @@ class KeyDirectory:
 
     def __contains__(self, peer_id: object) -> bool:
         return peer_id in self._peers
+
+    def ids(self) -> list[str]:
+        """The ids known (valid, not revoked), sorted."""
+        return sorted(self._peers)

@@ -10,8 +10,13 @@ vouches for them and nothing else can introduce a key. Private keys are
 written with mode 0600 and never logged.
 
 Files for an identity ``NAME``: ``NAME.crt``, ``NAME.key`` (TLS),
-``NAME.x25519.key`` and ``NAME.ed25519.key``. Revoked serial numbers are kept
-in the CA folder's ``crl.pem``.
+``NAME.x25519.key`` and ``NAME.ed25519.key``.
+
+The CA always has a revocation list, ``crl.pem`` in its folder: `create_ca` writes
+an empty one, `revoke_certificate` adds to it and `refresh_crl` re-signs it with
+a fresh ``nextUpdate`` (a CRL past it makes Mosquitto refuse every client: renew
+it well before, see ``edgespeed certs crl refresh``). `load_crl` verifies a CRL
+against the CA before anyone trusts what it says.
 """
 
 from __future__ import annotations
@@ -29,18 +34,26 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, x25519
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID, ObjectIdentifier
 
-from edgespeed.errors import ConfigError
+from edgespeed.errors import ConfigError, SecurityError
+from edgespeed.protocol.messages import MAX_CRL_BYTES  # the largest revocation list accepted, file or wire
 from edgespeed.protocol.topics import validate_id
 
 __all__ = [
+    "CRL_DAYS",
+    "CRL_WARN_DAYS",
+    "CrlInfo",
     "FleetCA",
     "Identity",
+    "MAX_CRL_BYTES",
     "PAYLOAD_KEYS_OID",
     "Role",
     "create_ca",
     "issue_certificate",
     "load_ca",
+    "load_crl",
     "load_identity",
+    "parse_crl",
+    "refresh_crl",
     "revoke_certificate",
     "revoked_serials",
 ]
@@ -50,6 +63,10 @@ _ROLES = ("device", "coordinator", "bridge", "broker")
 # A UUID-based OID (ITU-T X.667, arc 2.25), so no registration is needed.
 # Value: 32 bytes of X25519 public key, then 32 bytes of Ed25519 public key.
 PAYLOAD_KEYS_OID = ObjectIdentifier("2.25.203617407937514530063658372906402915155")
+#: Days a freshly signed revocation list is valid (its ``nextUpdate``).
+CRL_DAYS = 30
+#: Fewer days than this before ``nextUpdate``: warn (a CRL past it locks every client out of Mosquitto).
+CRL_WARN_DAYS = 7
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,6 +174,7 @@ def create_ca(directory: Path, *, fleet: str = "edgespeed", days: int = 3650) ->
     )
     _write_private(ca.key_file, _key_pem(key))
     ca.cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    _sign_crl(ca, {}, days=CRL_DAYS)
     return ca
 
 
@@ -284,15 +302,129 @@ def _attribute(cert: x509.Certificate, oid: ObjectIdentifier) -> str:
     return str(values[0].value) if values else ""
 
 
-def revoke_certificate(ca: FleetCA, cert_file: Path) -> int:
-    """Add a certificate to the fleet's revocation list; returns its serial number.
+def revoke_certificate(ca: FleetCA, cert_file: Path, *, days: float = CRL_DAYS) -> int:
+    """Add a certificate to the fleet's revocation list and re-sign it; returns its serial number.
 
-    Brokers load ``crl.pem`` (Mosquitto's ``crlfile``) and key directories refuse
-    revoked certificates.
+    Brokers read ``crl.pem`` (Mosquitto's ``crlfile``) at start and on SIGHUP; a running
+    coordinator re-reads it within seconds and broadcasts it to the devices.
     """
     cert = x509.load_pem_x509_certificate(Path(cert_file).read_bytes())
-    revoked = revoked_serials(ca)
-    revoked.add(cert.serial_number)
+    entries = _current_entries(ca)
+    entries.setdefault(cert.serial_number, dt.datetime.now(dt.timezone.utc))
+    _sign_crl(ca, entries, days=days)
+    return cert.serial_number
+
+
+def refresh_crl(ca: FleetCA, *, days: float = CRL_DAYS) -> CrlInfo:
+    """Re-sign the revocation list with the same entries and a ``nextUpdate`` ``days`` from now.
+
+    Run it regularly (a timer), well within `CRL_DAYS`: a CRL past its ``nextUpdate`` makes
+    Mosquitto refuse every client. Creates an empty list where none exists yet.
+    """
+    if days <= 0:
+        raise ConfigError("a revocation list must be valid for some time: days > 0")
+    return _sign_crl(ca, _current_entries(ca), days=days)
+
+
+def revoked_serials(ca: FleetCA) -> set[int]:
+    """Serial numbers on the fleet's revocation list (verified against the CA; none without a list)."""
+    if not ca.crl_file.exists():
+        return set()
+    return set(load_crl(ca.crl_file, ca.cert_file).revoked)
+
+
+@dataclass(frozen=True, slots=True)
+class CrlInfo:
+    """A revocation list verified against the fleet CA.
+
+    Attributes:
+        revoked: the revoked serial numbers, each with its revocation time.
+        last_update, next_update: when it was signed, and when it stops being valid (UTC).
+        der: the signed list as DER (what travels on the wire).
+    """
+
+    revoked: dict[int, dt.datetime]
+    last_update: dt.datetime
+    next_update: dt.datetime
+    der: bytes
+
+    def remaining(self, now: dt.datetime | None = None) -> dt.timedelta:
+        """Time left before ``nextUpdate`` (negative once past it)."""
+        return self.next_update - (now or dt.datetime.now(dt.timezone.utc))
+
+    def health(self, now: dt.datetime | None = None) -> Literal["ok", "expiring", "expired"]:
+        """``expired`` past ``nextUpdate``, ``expiring`` within `CRL_WARN_DAYS` of it, else ``ok``."""
+        left = self.remaining(now)
+        if left <= dt.timedelta(0):
+            return "expired"
+        return "expiring" if left < dt.timedelta(days=CRL_WARN_DAYS) else "ok"
+
+    def describe(self, now: dt.datetime | None = None) -> str:
+        """One line for logs and the CLI: entries and how long it stays valid."""
+        left = self.remaining(now)
+        when = f"{self.next_update:%Y-%m-%d %H:%M} UTC"
+        if left <= dt.timedelta(0):
+            state = f"EXPIRED since {when} ({_span(-left)} ago): Mosquitto refuses every client until it is refreshed"
+        else:
+            state = f"valid until {when} (in {_span(left)})"
+        return f"revocation list with {len(self.revoked)} revoked certificate(s), {state}"
+
+
+def _span(delta: dt.timedelta) -> str:
+    days = delta.total_seconds() / 86400
+    return f"{days:.1f} days" if days >= 1 else f"{delta.total_seconds() / 3600:.1f} hours"
+
+
+def parse_crl(data: bytes, ca_cert: x509.Certificate) -> CrlInfo:
+    """Verify a revocation list (PEM or DER) against the fleet CA certificate.
+
+    Raises:
+        SecurityError: too large, not a CRL, another issuer, a bad signature, or no ``nextUpdate``.
+    """
+    if len(data) > MAX_CRL_BYTES:
+        raise SecurityError(f"revocation list of {len(data)} bytes is over {MAX_CRL_BYTES}")
+    try:
+        crl = x509.load_pem_x509_crl(data) if data.lstrip().startswith(b"-----BEGIN") else x509.load_der_x509_crl(data)
+    except ValueError as exc:
+        raise SecurityError(f"not a revocation list: {exc}") from exc
+    if crl.issuer != ca_cert.subject:
+        raise SecurityError("revocation list not issued by the fleet CA")
+    public = ca_cert.public_key()
+    if not isinstance(public, ec.EllipticCurvePublicKey) or not crl.is_signature_valid(public):
+        raise SecurityError("revocation list signature does not verify against the fleet CA")
+    if crl.next_update_utc is None:
+        raise SecurityError("revocation list without nextUpdate")
+    return CrlInfo(
+        revoked={entry.serial_number: entry.revocation_date_utc for entry in crl},
+        last_update=crl.last_update_utc,
+        next_update=crl.next_update_utc,
+        der=crl.public_bytes(serialization.Encoding.DER),
+    )
+
+
+def load_crl(path: Path, ca: Path | x509.Certificate) -> CrlInfo:
+    """Read and verify a revocation list file against the fleet CA (its certificate, or ``ca.crt``'s path).
+
+    Raises:
+        ConfigError: the file cannot be read.
+        SecurityError: see `parse_crl`.
+    """
+    ca_cert = ca if isinstance(ca, x509.Certificate) else x509.load_pem_x509_certificate(Path(ca).read_bytes())
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read the revocation list {path}: {exc}") from exc
+    return parse_crl(data, ca_cert)
+
+
+def _current_entries(ca: FleetCA) -> dict[int, dt.datetime]:
+    if not ca.crl_file.exists():
+        return {}
+    return dict(load_crl(ca.crl_file, ca.cert_file).revoked)
+
+
+def _sign_crl(ca: FleetCA, entries: dict[int, dt.datetime], *, days: float) -> CrlInfo:
+    """Sign a CRL of ``entries`` valid ``days`` from now and write it atomically (readers never see half)."""
     ca_key = serialization.load_pem_private_key(ca.key_file.read_bytes(), password=None)
     ca_cert = x509.load_pem_x509_certificate(ca.cert_file.read_bytes())
     if not isinstance(ca_key, ec.EllipticCurvePrivateKey):
@@ -301,20 +433,17 @@ def revoke_certificate(ca: FleetCA, cert_file: Path) -> int:
     builder = (
         x509.CertificateRevocationListBuilder()
         .issuer_name(ca_cert.subject)
-        .last_update(now)
-        .next_update(now + dt.timedelta(days=7))
+        .last_update(now - dt.timedelta(minutes=5))
+        .next_update(now + dt.timedelta(days=days))
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
     )
-    for serial in sorted(revoked):
+    for serial, when in sorted(entries.items()):
         builder = builder.add_revoked_certificate(
-            x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(now).build()
+            x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(when).build()
         )
-    ca.crl_file.write_bytes(builder.sign(ca_key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM))
-    return cert.serial_number
-
-
-def revoked_serials(ca: FleetCA) -> set[int]:
-    """Serial numbers on the fleet's revocation list."""
-    if not ca.crl_file.exists():
-        return set()
-    crl = x509.load_pem_x509_crl(ca.crl_file.read_bytes())
-    return {entry.serial_number for entry in crl}
+    crl = builder.sign(ca_key, hashes.SHA256())
+    tmp = ca.crl_file.with_name(f".{ca.crl_file.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(crl.public_bytes(serialization.Encoding.PEM))
+    os.chmod(tmp, 0o644)  # public, and Mosquitto (perhaps as the mosquitto user) reads it
+    os.replace(tmp, ca.crl_file)
+    return parse_crl(crl.public_bytes(serialization.Encoding.DER), ca_cert)

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import grp
 import logging
 import os
+import pwd
 import shutil
 import signal
 import socket
@@ -89,6 +91,9 @@ class BrokerSettings:
         backend: ``auto`` (Mosquitto if installed, else amqtt), ``mosquitto`` or ``amqtt``.
         acl_file: a Mosquitto ACL file.
         allow_anonymous: accept clients without credentials (development).
+        user: the user Mosquitto runs as when started as root (``user`` in its config); None: ``root``
+            when the config is rendered as root (the keys are 0600 root's), else nothing.
+        user_note: why that user (a comment in the rendered config).
     """
 
     host: str = "127.0.0.1"
@@ -103,6 +108,8 @@ class BrokerSettings:
     acl_file: Path | None = None
     allow_anonymous: bool = True
     extra: tuple[str, ...] = field(default=())
+    user: str | None = None
+    user_note: str = ""
 
     def __post_init__(self) -> None:
         if self.backend not in ("auto", "mosquitto", "amqtt"):
@@ -126,7 +133,10 @@ def render_mosquitto_config(settings: BrokerSettings, *, log_file: Path | None =
     ]
     if settings.data_dir is not None:
         lines += [f"persistence_location {settings.data_dir}/", "autosave_interval 60"]
-    if os.geteuid() == 0:
+    if settings.user is not None:
+        lines += [f"# {line}" for line in settings.user_note.splitlines()]
+        lines.append(f"user {settings.user}")
+    elif os.geteuid() == 0:
         # Started as root, Mosquitto drops to the 'mosquitto' user, which cannot
         # read 0600 keys written by root.
         lines.append("user root")
@@ -177,6 +187,7 @@ def render_acl(fleet: str, *, coordinators: Sequence[str], auditors: Sequence[st
         f"pattern write {root}/coord/in/%u",
         f"pattern read {root}/coord/state",
         f"pattern read {root}/bcast/#",
+        f"# Only coordinators write {root}/bcast/# (models, config, and the revocation list on bcast/crl).",
     ]
     for name in coordinators:
         lines += ["", f"user {validate_id(name, 'coordinator id')}", f"topic readwrite {root}/#"]
@@ -199,32 +210,86 @@ def production_settings(
 ) -> BrokerSettings:
     """Settings for a fleet's broker: mutual TLS only, the fleet ACL, persistence, revocations.
 
-    Writes the ACL into ``out_dir``. ``pki_dir`` holds ``ca.crt``, the broker's
-    ``<broker_name>.crt``/``.key`` and, once something was revoked, ``crl.pem``.
+    Writes the ACL into ``out_dir`` and creates the persistence folder (mode 0700; by default
+    ``out_dir/data``). ``pki_dir`` holds ``ca.crt``, the broker's ``<broker_name>.crt``/``.key``
+    and the revocation list ``crl.pem``, always named as ``crlfile`` (Mosquitto reads it at start
+    and on SIGHUP). Started as root, Mosquitto runs as the ``mosquitto`` user when that user exists and can
+    read everything it needs (the persistence folder is given to it); otherwise as root, and the
+    rendered config says why.
+
+    Raises:
+        ConfigError: a file is missing (the CRL included).
     """
     pki_dir, out_dir = Path(pki_dir), Path(out_dir)
     for needed in ("ca.crt", f"{broker_name}.crt", f"{broker_name}.key"):
         if not (pki_dir / needed).is_file():
             raise ConfigError(f"{pki_dir / needed} is missing (create it with 'edgespeed certs')")
+    crl = pki_dir / "crl.pem"
+    if not crl.is_file():
+        raise ConfigError(
+            f"{crl} is missing: run 'edgespeed certs crl refresh --dir <pki>' where the CA key is "
+            "(it signs an empty list) and copy crl.pem here"
+        )
     out_dir.mkdir(parents=True, exist_ok=True)
     acl = out_dir / "acl"
     acl.write_text(render_acl(fleet, coordinators=coordinators, auditors=auditors))
-    crl = pki_dir / "crl.pem"
+    data = Path(data_dir) if data_dir is not None else out_dir / "data"
+    data.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(data, 0o700)
+    tls = BrokerTls(pki_dir / "ca.crt", pki_dir / f"{broker_name}.crt", pki_dir / f"{broker_name}.key", crl_file=crl)
+    user, note = _broker_user(data, [tls.ca_file, tls.cert_file, tls.key_file, crl, acl])
     return BrokerSettings(
         host=host,
         port=None,
-        tls=BrokerTls(
-            pki_dir / "ca.crt",
-            pki_dir / f"{broker_name}.crt",
-            pki_dir / f"{broker_name}.key",
-            crl_file=crl if crl.is_file() else None,
-        ),
+        tls=tls,
         tls_port=tls_port,
-        data_dir=data_dir or out_dir / "data",
+        data_dir=data,
         acl_file=acl,
         allow_anonymous=False,
         backend="mosquitto",
+        user=user,
+        user_note=note,
     )
+
+
+def _broker_user(data_dir: Path, files: Sequence[Path]) -> tuple[str | None, str]:
+    """The user Mosquitto should run as, and why; gives ``data_dir`` to the ``mosquitto`` user.
+
+    Not root: None (Mosquitto keeps the user that starts it). Root: ``mosquitto`` when that user
+    exists and can read ``files`` (and reach ``data_dir``), else ``root``.
+    """
+    if os.geteuid() != 0:
+        return None, ""
+    try:
+        account = pwd.getpwnam("mosquitto")
+    except KeyError:
+        return "root", "Run as root: this system has no 'mosquitto' user to drop to."
+    os.chown(data_dir, account.pw_uid, account.pw_gid)
+    groups = {account.pw_gid} | {g.gr_gid for g in grp.getgrall() if "mosquitto" in g.gr_mem}
+    for path in [*files, data_dir]:
+        why = _unreadable(Path(path), account.pw_uid, groups)
+        if why:
+            return "root", (
+                f"Run as root: {why}, so Mosquitto could not load it as the 'mosquitto' user.\n"
+                "To run unprivileged, make the PKI files readable by it (e.g. chgrp mosquitto and chmod 0640 "
+                "the broker key, and 0755 on the folders above) and render this file again."
+            )
+    return "mosquitto", "Run as the 'mosquitto' user: it can read the PKI files and owns the persistence folder."
+
+
+def _unreadable(path: Path, uid: int, gids: set[int]) -> str:
+    """Why ``uid`` (with ``gids``) cannot read ``path`` (search every folder above, read the file); empty if it can."""
+
+    def permits(p: Path, bit: int) -> bool:
+        st = p.stat()
+        shift = 6 if st.st_uid == uid else 3 if st.st_gid in gids else 0
+        return bool(st.st_mode >> shift & bit)
+
+    path = path.resolve()
+    blocked = next((f for f in reversed(path.parents) if not permits(f, 0o1)), None)
+    if blocked is not None:
+        return f"{blocked} is not searchable by that user"
+    return "" if permits(path, 0o4) else f"{path} (mode {path.stat().st_mode & 0o777:04o}) is not readable by that user"
 
 
 class EmbeddedBroker:
@@ -314,6 +379,9 @@ class EmbeddedBroker:
         self.log_path = work / "mosquitto.log"
         self.config_path = work / "mosquitto.conf"
         self.config_path.write_text(render_mosquitto_config(self.settings, log_file=self.log_path))
+        if self.settings.user not in (None, "root") and os.geteuid() == 0:
+            account = pwd.getpwnam(str(self.settings.user))  # it drops to that user: let it write its log
+            os.chown(work, account.pw_uid, account.pw_gid)
         if self.settings.data_dir is not None:
             self.settings.data_dir.mkdir(parents=True, exist_ok=True)
         self._proc = subprocess.Popen(  # noqa: ASYNC220 - fork/exec is quick; waiting is async below
@@ -404,6 +472,16 @@ class EmbeddedBroker:
             self._proc.send_signal(signal.SIGKILL)
             await asyncio.to_thread(self._proc.wait)
         await self.stop()
+
+    def reload(self) -> None:
+        """SIGHUP: Mosquitto re-reads the CRL, certificates and ACL (connected clients stay connected).
+
+        Raises:
+            BrokerError: not a running Mosquitto.
+        """
+        if self._proc is None or self._proc.poll() is not None:
+            raise BrokerError("only a running Mosquitto can reload its configuration")
+        self._proc.send_signal(signal.SIGHUP)
 
     async def restart(self, *, down_for: float = 0.0) -> None:
         """Stop, stay down ``down_for`` seconds, and start again on the same ports."""
