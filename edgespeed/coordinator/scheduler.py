@@ -202,6 +202,8 @@ class Scheduler:
         attempt = await self._db(self._ledger.claim, task_id, device, lease_ms=self._lease_ms)
         if attempt is None:
             return None  # a peer coordinator took it
+        if record.state is TaskState.DISPATCHED:
+            self._stats["redispatched"] += 1  # its lease ran out on a device that never answered
         self.tasks.hold(task_id, device)
         return self._send(device, Task(task_id, attempt, record.model_id, record.deadline_ms, record.inputs))
 

@@ -45,6 +45,10 @@ async def test_kill_9_of_a_middle_stage_during_a_stream(
             handles = [await c.submit("d3", x[i % len(x)][None], deadline=60) for i in range(200)]
             while (await c.counts())["done"] < 20:
                 await asyncio.sleep(0.01)
+            procs[middle].send_signal(signal.SIGSTOP)  # frozen until it surely holds requests in flight
+            async with asyncio.timeout(30):
+                while c.tasks.load(middle) == 0:
+                    await asyncio.sleep(0.01)
             procs[middle].send_signal(signal.SIGKILL)
             started = time.monotonic()
             outputs = [await h.result() for h in handles]
@@ -74,7 +78,13 @@ async def test_kill_9_of_a_device_during_a_batch_loses_no_task(
             while done < 30:
                 done = (await c.counts())["done"]
                 await asyncio.sleep(0.01)
-            procs[0].send_signal(signal.SIGKILL)  # dev-a, mid-batch
+            # dev-a, mid-batch. Frozen first, until it surely holds tasks it has not answered: on a loaded
+            # machine it may otherwise have answered all it was given, its answers still on the way.
+            procs[0].send_signal(signal.SIGSTOP)
+            async with asyncio.timeout(30):
+                while c.tasks.load("dev-a") == 0:
+                    await asyncio.sleep(0.01)
+            procs[0].send_signal(signal.SIGKILL)
             outputs = [await h.result() for h in handles]
             for i, out in enumerate(outputs):
                 np.testing.assert_allclose(out[0], digits.reference[i % len(x)][None], atol=1e-4)
