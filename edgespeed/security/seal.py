@@ -106,11 +106,13 @@ class Sealer:
 
     def _aead(self, sender: str, recipient: str, epoch: int) -> AESGCM:
         cache_key = (sender, recipient, epoch)
+        peer_id = recipient if sender == self.identity else sender
         aead = self._keys.get(cache_key)
-        if aead is not None:
+        if aead is not None and peer_id in self._directory:  # a peer revoked since is forgotten at once
             self._keys.move_to_end(cache_key)
             return aead
-        peer = self._directory.get(recipient if sender == self.identity else sender)
+        self._keys.pop(cache_key, None)
+        peer = self._directory.get(peer_id)
         shared = self._key.exchange(peer.seal_public)
         info = b"edgespeed/seal/v1|" + sender.encode() + b"|" + recipient.encode() + b"|" + _EPOCH.pack(epoch)
         aead = AESGCM(HKDF(hashes.SHA256(), 32, salt=None, info=info).derive(shared))

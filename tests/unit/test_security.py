@@ -350,3 +350,26 @@ def test_per_peer_rate_limits_hold_each_peer_to_its_allowance_and_forget_the_old
     assert limits.refused == 3
     limits.allow("dev-c")  # a third peer: the least recently seen (dev-b) is forgotten
     assert set(limits._buckets) == {"dev-a", "dev-c"}
+
+
+def test_a_revoked_peer_is_refused_at_once_even_with_its_key_cached(pki) -> None:  # type: ignore[no-untyped-def]
+    """Pairwise keys are cached; before, a peer revoked after its key was cached could still seal and open."""
+    from edgespeed.errors import UnknownPeerError
+    from edgespeed.protocol.messages import Heartbeat
+    from edgespeed.security import KeyDirectory, Sealer
+
+    def sealer(name: str) -> tuple[Sealer, KeyDirectory]:
+        keys = KeyDirectory(pki.ca.cert_file)
+        keys.add_directory(pki.ca.directory)
+        return Sealer(name, pki.devices[name].seal_key(), keys, replay=None), keys
+
+    coord, coord_keys = sealer("coord")
+    rogue, _ = sealer("dev-c")
+    beat = Heartbeat(1, 0.0, 0)
+    coord.open(rogue.seal(beat, recipient="coord"))  # both pairwise keys are cached now
+    coord.seal(beat, recipient="dev-c")
+    coord_keys.revoke(pki.devices["dev-c"].certificate().serial_number)
+    with pytest.raises(UnknownPeerError):
+        coord.open(rogue.seal(beat, recipient="coord"))
+    with pytest.raises(UnknownPeerError):
+        coord.seal(beat, recipient="dev-c")
