@@ -202,3 +202,20 @@ def test_bit_flips_never_crash_the_decoder(data: st.DataObject) -> None:
         open_message(bytes(raw))
     except ProtocolError:
         pass
+
+
+def test_deeply_nested_values_are_a_decode_error_not_a_recursion_error() -> None:
+    """Before: ~600 levels of nesting in a manifest's pipeline raised RecursionError (untyped)."""
+    from edgespeed.protocol.messages import BlobInfo, ModelManifest
+
+    deep: object = 1
+    for _ in range(600):
+        deep = [deep]
+    manifest = ModelManifest("m", 1, "onnx", (BlobInfo("m.onnx", 1, bytes(32), 1),))
+    body = msgpack.unpackb(encode_body(manifest))
+    body["pipeline"] = [{"op": "scale", "factor": deep}]
+    with pytest.raises(DecodeError, match="nested deeper"):
+        decode_body(ModelManifest, msgpack.packb(body))
+    shallow = [[[1.0]]]
+    body["pipeline"] = [{"op": "scale", "factor": shallow}]
+    assert decode_body(ModelManifest, msgpack.packb(body)).pipeline[0]["factor"] == (((1.0,),),)

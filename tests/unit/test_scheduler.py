@@ -255,3 +255,31 @@ async def test_an_older_echo_of_a_manifest_never_drops_a_wrapped_key(pki: Pki, t
                 async with FakeDevice(broker, pki, "dev-c", ()):
                     await until(lambda: "dev-c" in c.models()["m"].keys)
                     assert set(c.models()["m"].keys) == {"dev-a", "dev-b", "dev-c"}
+
+
+async def test_only_the_device_that_holds_a_task_can_give_it_back(pki: Pki, tmp_path: Path) -> None:
+    """Before: any member's sealed `queue_full` for a task it was never given put that task back, so a rogue
+    could have tasks run again and again."""
+    from edgespeed.protocol.messages import Error
+
+    broker = MemoryBroker()
+    async with (
+        coordinator(broker, pki, tmp_path) as c,
+        FakeDevice(broker, pki, "dev-a", ("m",)) as a,
+        FakeDevice(broker, pki, "dev-b", ()) as rogue,
+    ):
+        await online(c, "dev-a", "dev-b")
+        await publish(c, tmp_path, "m")
+        await a.ready("m")
+        await until(lambda: c.devices_for("m") == ["dev-a"])
+        handle = await c.submit("m", np.zeros((1, 4), np.float32))
+        async with timeout(10):
+            task = await a.tasks.get()
+        refusal = Error("queue_full", "not now", task_id=handle.task_id, attempt=task.attempt)
+        await rogue.transport.publish(
+            topics.coordinator_inbox(FLEET, "dev-b"), rogue.sealer.seal(refusal, recipient="coord")
+        )
+        await asyncio.sleep(0.5)  # several scheduling rounds
+        record = c.ledger.get(handle.task_id)
+        assert record is not None and record.attempt == 1 and record.device_id == "dev-a"
+        assert a.tasks.empty()  # not given out again
