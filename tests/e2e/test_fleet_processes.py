@@ -5,6 +5,7 @@ import contextlib
 import signal
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -16,10 +17,31 @@ from edgespeed.transport import EmbeddedBroker
 from tests.conftest import Pki
 from tests.models import DigitsModel
 
+# Heartbeats each second: a frozen agent stays "online" (no heartbeat missed yet) for 2.5 s, time enough
+# for the coordinator to give it tasks it cannot answer, however loaded the machine.
+HEARTBEAT_S = 1.0
+
 
 def onnx_agent(broker: EmbeddedBroker, pki: Pki, device: str, tmp_path: Path) -> AgentConfig:
     """The configuration of an agent process (`edgespeed device run`): ONNX Runtime, a 5 ms batching window."""
-    return agent_config(broker, pki, device, tmp_path / device, backends=("onnx",), max_wait_ms=5)
+    return agent_config(
+        broker, pki, device, tmp_path / device, backends=("onnx",), max_wait_ms=5, heartbeat_s=HEARTBEAT_S
+    )
+
+
+async def freeze_holding_tasks(c: Coordinator, proc: Any, device: str) -> None:
+    """Freeze an agent (SIGSTOP) once it holds tasks it has not answered, then kill it (SIGKILL).
+
+    Frozen, it answers nothing more; answers it sent before arrive within moments, and a device that
+    still counts as online is given new tasks, which it cannot answer. So it surely dies holding tasks,
+    however loaded the machine (killed at once, it may have answered all it held, its answers on the way).
+    """
+    proc.send_signal(signal.SIGSTOP)
+    await asyncio.sleep(0.3)  # answers already sent arrive
+    async with asyncio.timeout(30):
+        while c.tasks.load(device) == 0:
+            await asyncio.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
 
 
 @pytest.mark.mosquitto
@@ -32,7 +54,9 @@ async def test_kill_9_of_a_middle_stage_during_a_stream(
             n: await stack.enter_async_context(agent_process(onnx_agent(secure_broker, pki, n, tmp_path), cli=True))
             for n in names
         }
-        async with Coordinator(coordinator_config(secure_broker, pki, tmp_path / "coord", max_inflight=4)) as c:
+        async with Coordinator(
+            coordinator_config(secure_broker, pki, tmp_path / "coord", max_inflight=4, heartbeat_s=HEARTBEAT_S)
+        ) as c:
             await c.wait_for_devices(3, timeout=60)
             # Two stages across agent processes first, then three, one of which is killed mid-stream.
             assert (await c.publish_model([digits.onnx], name="d2", split="2", sample=[digits.x_test[:1]])).ok
@@ -45,11 +69,7 @@ async def test_kill_9_of_a_middle_stage_during_a_stream(
             handles = [await c.submit("d3", x[i % len(x)][None], deadline=60) for i in range(200)]
             while (await c.counts())["done"] < 20:
                 await asyncio.sleep(0.01)
-            procs[middle].send_signal(signal.SIGSTOP)  # frozen until it surely holds requests in flight
-            async with asyncio.timeout(30):
-                while c.tasks.load(middle) == 0:
-                    await asyncio.sleep(0.01)
-            procs[middle].send_signal(signal.SIGKILL)
+            await freeze_holding_tasks(c, procs[middle], middle)
             started = time.monotonic()
             outputs = [await h.result() for h in handles]
             for i, out in enumerate(outputs):
@@ -67,22 +87,21 @@ async def test_kill_9_of_a_device_during_a_batch_loses_no_task(
             await stack.enter_async_context(agent_process(onnx_agent(secure_broker, pki, name, tmp_path), cli=True))
             for name in ("dev-a", "dev-b")
         ]
-        async with Coordinator(coordinator_config(secure_broker, pki, tmp_path / "coord", max_inflight=4)) as c:
+        async with Coordinator(
+            coordinator_config(secure_broker, pki, tmp_path / "coord", max_inflight=4, heartbeat_s=HEARTBEAT_S)
+        ) as c:
             report = await c.publish_model([digits.onnx], name="digits", timeout=60, settle=0)
             if not report.ok:  # the agents may not have been born when the model went out
                 await wait_ready(c, "digits", 2)
             await wait_ready(c, "digits", 2)
             x = digits.x_test
-            handles = [await c.submit("digits", x[i % len(x)][None], deadline=60) for i in range(300)]
-            done = 0
-            while done < 30:
-                done = (await c.counts())["done"]
-                await asyncio.sleep(0.01)
-            # dev-a, mid-batch. Frozen first, until it surely holds tasks it has not answered: on a loaded
-            # machine it may otherwise have answered all it was given, its answers still on the way.
+            # dev-a freezes as the batch starts: still counted online (no heartbeat missed yet), it is given
+            # its share of tasks and answers none of them; dev-b works on. Then, mid-batch, it is killed
+            # holding them, whatever the machine's load.
             procs[0].send_signal(signal.SIGSTOP)
-            async with asyncio.timeout(30):
-                while c.tasks.load("dev-a") == 0:
+            handles = [await c.submit("digits", x[i % len(x)][None], deadline=60) for i in range(300)]
+            async with asyncio.timeout(60):
+                while c.tasks.load("dev-a") == 0 or (await c.counts())["done"] < 30:
                     await asyncio.sleep(0.01)
             procs[0].send_signal(signal.SIGKILL)
             outputs = [await h.result() for h in handles]
