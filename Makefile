@@ -11,7 +11,7 @@ DEMO_DEPS := $(VENV)/.demo-deps-installed
 help:
 	@echo "make demo     run the end-to-end demo (broker, coordinator, device)"
 	@echo "make test     run every tier: tests/unit, tests/integration (real Mosquitto), tests/e2e (processes)"
-	@echo "make test-fast  the unit tier alone (no broker, no processes)"
+	@echo "make test-fast  the unit tier alone (no broker, no processes), without the slow model-optimisation tests"
 	@echo "make lint     ruff and mypy"
 	@echo "make bench    the benchmark suite against bare paho and onnxruntime (results in bench/results/)"
 	@echo "make vectors  regenerate firmware_bridge/vectors from the reference codecs"
@@ -64,7 +64,7 @@ test-fuzz: $(DEPS)
 
 # The unit tier: no broker, no processes; well under a minute.
 test-fast: $(DEPS)
-	$(BIN)/python -m pytest -q tests/unit
+	$(BIN)/python -m pytest -q tests/unit -m "not slow"
 
 lint: $(DEPS)
 	$(BIN)/ruff check edgespeed tests examples

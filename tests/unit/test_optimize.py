@@ -12,6 +12,9 @@ import pytest
 from edgespeed.errors import ConfigError, OptimizeError
 from tests.models import DigitsModel
 
+# Quantising, pruning and fine-tuning real models takes a while: `make test` runs these, `make test-fast` not.
+pytestmark = pytest.mark.slow
+
 pytest.importorskip("onnxruntime.quantization", reason="onnxruntime is needed: pip install 'edgespeed[optimize]'")
 
 
