@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 from collections import defaultdict
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -111,9 +110,6 @@ class TaskTable:
             if live is not None:
                 live.devices.discard(device)
         return [live for live in self._live.values() if live.route is not None and device in live.route[1]]
-
-    def routes(self) -> Iterator[LiveTask]:
-        return (live for live in self._live.values() if live.route is not None)
 
     # -- outcomes ------------------------------------------------------------
 
