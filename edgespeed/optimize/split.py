@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from edgespeed.errors import ConfigError, MissingDependencyError
+from edgespeed.optimize.data import onnx_module, ort_module
 
 __all__ = [
     "Boundary",
@@ -34,14 +35,6 @@ __all__ = [
     "split_onnx",
     "split_torch",
 ]
-
-
-def _onnx() -> Any:
-    try:
-        import onnx
-    except ImportError as exc:
-        raise MissingDependencyError("onnx", "onnx") from exc
-    return onnx
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,7 +57,7 @@ class Segment:
 
 
 def _load(model: Any) -> Any:
-    onnx = _onnx()
+    onnx = onnx_module()
     if isinstance(model, str | Path):
         model = onnx.load(str(model))
     elif isinstance(model, bytes | bytearray):
@@ -99,7 +92,7 @@ def split_onnx(model: Any, cuts: Sequence[str]) -> list[Any]:
     Raises:
         ConfigError: a name that is not a single-tensor cut of this graph, or cuts out of order.
     """
-    onnx = _onnx()
+    onnx = onnx_module()
     full = _load(model)
     known = [b.tensor for b in boundaries(full)]
     for name in cuts:
@@ -129,10 +122,7 @@ def profile_onnx(model: Any, sample: Sequence[np.ndarray[Any, Any]], *, runs: in
 
     Returns one `Segment` per piece (boundaries + 1), with its median run time and output size.
     """
-    try:
-        import onnxruntime as ort
-    except ImportError as exc:
-        raise MissingDependencyError("onnxruntime", "onnx") from exc
+    ort = ort_module()
     full = _load(model)
     cuts = [b.tensor for b in boundaries(full)]
     options = ort.SessionOptions()
@@ -162,7 +152,7 @@ def profile_onnx(model: Any, sample: Sequence[np.ndarray[Any, Any]], *, runs: in
 
 def sample_inputs(model: Any) -> list[np.ndarray[Any, Any]]:
     """Zeros shaped like an ONNX model's inputs (a dynamic dimension, such as the batch, taken as 1)."""
-    onnx = _onnx()
+    onnx = onnx_module()
     if isinstance(model, str | Path):
         model = onnx.load(str(model), load_external_data=False)
     weights = {i.name for i in model.graph.initializer}
@@ -178,7 +168,7 @@ def sample_inputs(model: Any) -> list[np.ndarray[Any, Any]]:
 
 def onnx_outputs(model: Any) -> tuple[dict[str, Any], ...]:
     """An ONNX model's outputs as a manifest declares them: name, numpy dtype name, shape (-1: dynamic)."""
-    onnx = _onnx()
+    onnx = onnx_module()
     if isinstance(model, str | Path):
         model = onnx.load(str(model), load_external_data=False)
     out = []
