@@ -46,7 +46,6 @@ from edgespeed.errors import (
     ReplayError,
     SecurityError,
     TransportClosedError,
-    UnknownPeerError,
 )
 from edgespeed.hardware import device_card
 from edgespeed.protocol import topics
@@ -329,8 +328,6 @@ class Device:
 
     def _on_inbox(self, payload: bytes, parts: _Parts) -> None:
         envelope, body = self._sealer.open(payload, allow_plain={MessageKind.CHUNK})
-        if envelope.sealed and envelope.sender not in self._keys:  # revoked since (the sealer caches keys)
-            raise UnknownPeerError(f"{envelope.sender!r} has no valid certificate any more", reason="revoked")
         if isinstance(body, Chunk) or (isinstance(body, Error) and not body.task_id):
             # Chunk data is ciphertext checked against the signed manifest. A blob error ends a
             # download: it counts only sealed, so only from the coordinator.
